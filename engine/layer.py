@@ -175,7 +175,7 @@ def normalizer(loss_param, valid_count, outer_num, inner_num, legacy_default="VA
     elif loss_param.HasField("normalize"):
         mode = lp.VALID if loss_param.normalize else lp.BATCH_SIZE
     else:
-        mode = lp.Value(legacy_default)
+        mode = getattr(lp, legacy_default)
     if mode == lp.FULL:
         n = outer_num * inner_num
     elif mode == lp.VALID:
