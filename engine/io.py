@@ -102,7 +102,7 @@ def blobproto_shape(proto):
         return tuple(int(d) for d in proto.shape.dim)
     if any(proto.HasField(f) for f in ("num", "channels", "height", "width")):
         return (proto.num, proto.channels, proto.height, proto.width)
-    return (len(proto.double_data) or len(proto.data),) if (proto.data or proto.double_data) else ()
+    return ()  # Caffe: no shape and no legacy dims is a 0-d (scalar) blob
 
 
 def blobproto_to_array(blob, return_diff=False):

@@ -11,6 +11,7 @@ from engine import backend, io
 from engine.blob import Blob
 from engine.layer import LayerError, create_layer
 from engine.proto import caffe_pb2
+from engine.upgrade import upgrade_net_input
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -115,31 +116,6 @@ def insert_splits(param):
                 if weight:
                     del lp.loss_weight[:]
                     next_split[(i, j)] += 1
-    return out
-
-
-def upgrade_net_input(param):
-    """Turn the deprecated net-level `input`, `input_shape`, `input_dim` into an Input layer."""
-    if not param.input:
-        return param
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(param)
-    del out.layer[:]
-    layer = out.layer.add()
-    layer.name = "input"
-    layer.type = "Input"
-    for i, name in enumerate(param.input):
-        layer.top.append(name)
-        shape = layer.input_param.shape.add()
-        if param.input_shape:
-            shape.CopyFrom(param.input_shape[min(i, len(param.input_shape) - 1)])
-        elif param.input_dim:
-            shape.dim.extend(param.input_dim[4 * i : 4 * i + 4])
-    for lp in param.layer:
-        out.layer.add().CopyFrom(lp)
-    del out.input[:]
-    del out.input_shape[:]
-    del out.input_dim[:]
     return out
 
 

@@ -58,7 +58,9 @@ class DummyData(Layer):
         p = self.param.dummy_data_param
         n = len(top)
         if len(p.data_filler) not in (0, 1, n):
-            raise self.error(f"data_filler must be given 0, 1 or {n} times, got {len(p.data_filler)}")
+            raise self.error(
+                f"data_filler must be given 0, 1 or {n} times, got {len(p.data_filler)}"
+            )
         legacy = [p.num, p.channels, p.height, p.width]
         if any(len(v) for v in legacy):
             if len(p.shape):

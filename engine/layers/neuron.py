@@ -33,7 +33,7 @@ class ReLU(NeuronLayer):
         x = bottom[0].data
         dy = top[0].diff
         if self.slope == 0.0:
-            bottom[0].diff[...] = dy * (x > 0)
+            xp.multiply(dy, x > 0, out=bottom[0].diff)
         else:
             bottom[0].diff[...] = xp.where(x > 0, dy, dy * self.slope)
 
@@ -56,7 +56,9 @@ class Sigmoid(NeuronLayer):
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             y = top[0].data
-            bottom[0].diff[...] = top[0].diff * y * (1 - y)
+            g = 1 - y
+            g *= y
+            get_array_module(g).multiply(g, top[0].diff, out=bottom[0].diff)
 
 
 @register("TanH")
@@ -70,4 +72,7 @@ class TanH(NeuronLayer):
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
             y = top[0].data
-            bottom[0].diff[...] = top[0].diff * (1 - y * y)
+            g = y * y
+            xp = get_array_module(g)
+            xp.subtract(1, g, out=g)
+            xp.multiply(g, top[0].diff, out=bottom[0].diff)

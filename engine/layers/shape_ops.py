@@ -1,20 +1,23 @@
 """Layers that only move data: Flatten, Reshape, Concat, Slice, Split (Caffe's
 flatten/reshape/concat/slice/split layers)."""
 
+from engine.backend import get_array_module
 from engine.layer import Layer, register
 
 
-def _share_view(layer, bottom, top, shape):
-    """Make top's data a view of bottom's data with `shape` (Caffe's ShareData)."""
+def _share_view(bottom, top, shape):
+    """Make top's data a view of bottom's data with `shape` (Caffe's ShareData).
+
+    Diffs stay separate (Caffe also shares them): backward copies the top diff back, so a
+    caller may zero or fill one blob's diff without touching the other's.
+    """
     top.reshape(shape)
     top.set_data(bottom.data.reshape(shape))
 
 
 def _copy_diff_back(top, bottom):
-    """bottom.diff = top.diff reshaped (a no-op when they already share memory)."""
-    td = top.diff
-    if td is not bottom.diff:
-        bottom.diff[...] = td.reshape(bottom.shape)
+    """bottom.diff = top.diff reshaped."""
+    bottom.diff[...] = top.diff.reshape(bottom.shape)
 
 
 @register("Flatten")
@@ -38,11 +41,11 @@ class Flatten(Layer):
         a = bottom[0].canonical_axis(fp.axis)
         e = bottom[0].canonical_axis(fp.end_axis)
         new = shape[:a] + (bottom[0].count_range(a, e + 1),) + shape[e + 1 :]
-        _share_view(self, bottom[0], top[0], new)
+        _share_view(bottom[0], top[0], new)
 
     def forward(self, bottom, top):
         # bottom's array may have been replaced since reshape (views upstream): re-share.
-        top[0].set_data(bottom[0].data.reshape(top[0].shape))
+        _share_view(bottom[0], top[0], top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
@@ -115,10 +118,10 @@ class Reshape(Layer):
             raise self.error(
                 f"output count {count} ({tuple(new)}) != input count {b.count} ({b.shape})"
             )
-        _share_view(self, b, top[0], tuple(new))
+        _share_view(b, top[0], tuple(new))
 
     def forward(self, bottom, top):
-        top[0].set_data(bottom[0].data.reshape(top[0].shape))
+        _share_view(bottom[0], top[0], top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
@@ -171,15 +174,15 @@ class Concat(Layer):
                     )
             shape[axis] += b.shape[axis]
         if len(bottom) == 1:
-            _share_view(self, b0, top[0], b0.shape)
+            _share_view(b0, top[0], b0.shape)
         else:
             top[0].reshape(tuple(shape))
 
     def forward(self, bottom, top):
         if len(bottom) == 1:
-            top[0].set_data(bottom[0].data)
+            _share_view(bottom[0], top[0], bottom[0].shape)
             return
-        xp_concat = _array_module(bottom[0].data).concatenate
+        xp_concat = get_array_module(bottom[0].data).concatenate
         xp_concat([b.data for b in bottom], axis=self.axis, out=top[0].data)
 
     def backward(self, top, propagate_down, bottom):
@@ -194,12 +197,6 @@ class Concat(Layer):
             if down:
                 b.diff[...] = top[0].diff[lead + (slice(offset, offset + n),)]
             offset += n
-
-
-def _array_module(a):
-    from engine.backend import get_array_module
-
-    return get_array_module(a)
 
 
 @register("Slice")
@@ -250,7 +247,7 @@ class Slice(Layer):
             sizes = [size // len(top)] * len(top)
         self.sizes = sizes
         if len(top) == 1:
-            _share_view(self, b, top[0], b.shape)
+            _share_view(b, top[0], b.shape)
             return
         for t, n in zip(top, sizes):
             shape = list(b.shape)
@@ -259,7 +256,7 @@ class Slice(Layer):
 
     def forward(self, bottom, top):
         if len(top) == 1:
-            top[0].set_data(bottom[0].data)
+            _share_view(bottom[0], top[0], bottom[0].shape)
             return
         lead = (slice(None),) * self.axis
         offset = 0
@@ -295,11 +292,11 @@ class Split(Layer):
         for i, t in enumerate(top):
             if t is bottom[0]:
                 raise self.error(f"Split does not allow in-place computation (top[{i}])")
-            _share_view(self, bottom[0], t, bottom[0].shape)
+            _share_view(bottom[0], t, bottom[0].shape)
 
     def forward(self, bottom, top):
         for t in top:
-            t.set_data(bottom[0].data)
+            _share_view(bottom[0], t, bottom[0].shape)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -308,6 +305,6 @@ class Split(Layer):
         if len(top) == 1:
             _copy_diff_back(top[0], bottom[0])
             return
-        _array_module(d).add(top[0].diff, top[1].diff, out=d)
+        get_array_module(d).add(top[0].diff, top[1].diff, out=d)
         for t in top[2:]:
             d += t.diff
