@@ -182,4 +182,3 @@ def col2im(col, x_shape, kernel, pad, stride, dilation, out=None, work=None):
 
     parallel_batch(n_img, run, col.size, xp)
     return out
-

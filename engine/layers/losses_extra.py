@@ -29,7 +29,7 @@ class HingeLoss(LossLayer):
     p = 1 (norm L1, default) or 2 (L2).
 
     bottom[0]: scores N x K (any trailing shape, flattened); bottom[1]: labels N.
-    As Caffe, forward leaves the margins max(0, 1 - d x) in bottom[0].diff.
+    As Caffe, forward also leaves the margins max(0, 1 - d x) in bottom[0].diff.
     Backward: dx = w/N * -d * [margin > 0] (L1), w/N * -2 d * margin (L2).
     """
 
@@ -47,7 +47,10 @@ class HingeLoss(LossLayer):
         margin[self.rows, lab] *= -1
         margin += 1
         xp.maximum(margin, 0, out=margin)
+        # Caffe leaves the margins in bottom[0].diff; keep our own copy for backward too, so
+        # nothing that clears diffs in between can change the gradient.
         bottom[0].diff[...] = margin.reshape(bottom[0].shape)
+        self.margin = margin
         if self.param.hinge_loss_param.norm == caffe_pb2.HingeLossParameter.L2:
             loss = (margin * margin).sum()
         else:
@@ -61,7 +64,7 @@ class HingeLoss(LossLayer):
             return
         xp = get_array_module(bottom[0].data)
         n = bottom[0].shape[0]
-        d = bottom[0].diff.reshape(n, -1).copy()  # the margins left by forward
+        d = self.margin.copy()
         d[self.rows, self.lab] *= -1
         w = top[0].diff.reshape(())
         if self.param.hinge_loss_param.norm == caffe_pb2.HingeLossParameter.L2:
