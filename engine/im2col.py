@@ -1,11 +1,16 @@
 """im2col / col2im over a whole NCHW batch, the output-size rule shared by convolution-like
-layers, and the small threading and scratch-buffer helpers the vision layers share.
+layers, the "phase grid" window layout, and the threading / scratch helpers of vision layers.
 
-Column layout: `col[c, *k, n, *o]`, i.e. a (C * prod(kernel), N * prod(out)) matrix whose rows
+Exact layout: `col[c, *k, n, *o]`, i.e. a (C * prod(kernel), N * prod(out)) matrix whose rows
 follow Caffe's (c, kh, kw) order and whose columns run over the batch then the output pixels,
 so one GEMM covers the whole batch. The CPU code loops only over kernel offsets (kh * kw
 strided slice copies, each over the whole batch), never over pixels; large copies are split
 over the batch between threads (NumPy releases the GIL while it copies).
+
+Phase-grid layout (2-D, `PhaseGrid`): the padded input is split by stride phase into flat
+planes, so the window of every kernel offset is ONE contiguous slice per plane; the output grid
+then has Wq = Wo + (kw-1)*d // s columns per row, the last Wq - Wo of them spare. Copies run
+over long rows (no per-row overhead) at the price of those spare columns.
 """
 
 import itertools
@@ -179,6 +184,145 @@ def col2im(col, x_shape, kernel, pad, stride, dilation, out=None, work=None):
             dst = acc[lead + win]
             xp.add(dst, col[(slice(None),) + offset + (slice(n0, n1),)], out=dst)
         out[n0:n1] = acc[lead + interior].swapaxes(0, 1)
+
+    parallel_batch(n_img, run, col.size, xp)
+    return out
+
+
+class PhaseGrid:
+    """Phase-plane layout of one 2-D window geometry (see the module docstring).
+
+    Input (..., H, W) is split into `planes` (n_phases, ..., plane) by `split`; the values read
+    by kernel offset `code` = i * kw + j for all outputs are `window(planes, k, shift)` for the
+    `(code, k, shift)` entries of `offsets`: an (..., Ho * Wq) slice whose column y * Wq + z
+    is output (y, z) for z < Wo. Plane cells outside the input keep whatever the planes array
+    was filled with (0 for convolution, -inf for max pooling).
+    """
+
+    def __init__(self, size, kernel, stride, pad, dilation, out):
+        (height, width), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = (
+            size,
+            kernel,
+            stride,
+            pad,
+            dilation,
+            out,
+        )
+        self.size, self.out = (height, width), (ho, wo)
+        qh, qw = ((kh - 1) * dh) // sh, ((kw - 1) * dw) // sw
+        self.hq, self.wq = ho + qh, wo + qw
+        self.plane = self.hq * self.wq + qw
+        self.grid = ho * self.wq
+        used = sorted({((i * dh) % sh, (j * dw) % sw) for i in range(kh) for j in range(kw)})
+        index = {ab: k for k, ab in enumerate(used)}
+        # (code, phase index, flat shift) per kernel offset, in Caffe's row-major order.
+        self.offsets = [
+            (
+                i * kw + j,
+                index[((i * dh) % sh, (j * dw) % sw)],
+                ((i * dh) // sh) * self.wq + (j * dw) // sw,
+            )
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        self.phases = []  # per used phase: (plane rows, plane cols, input rows, input cols)
+        rows_seen = np.zeros(height, bool)
+        cols_seen = np.zeros(width, bool)
+        for a, b in used:
+            ry = _phase_span(a, sh, ph, height, self.hq)
+            rz = _phase_span(b, sw, pw, width, self.wq)
+            if ry is None or rz is None:
+                self.phases.append(None)
+                continue
+            (y0, y1, h0), (z0, z1, w0) = ry, rz
+            rows = slice(h0, h0 + sh * (y1 - y0 - 1) + 1, sh)
+            cols = slice(w0, w0 + sw * (z1 - z0 - 1) + 1, sw)
+            rows_seen[rows] = True
+            cols_seen[cols] = True
+            self.phases.append((slice(y0, y1), slice(z0, z1), rows, cols))
+        self.covers = bool(rows_seen.all() and cols_seen.all() and len(used) == sh * sw)
+
+    @property
+    def num_phases(self):
+        return len(self.phases)
+
+    def _plane_grid(self, plane_arr):
+        return plane_arr[..., : self.hq * self.wq].reshape(
+            plane_arr.shape[:-1] + (self.hq, self.wq)
+        )
+
+    def split(self, x, planes):
+        """Write x (..., H, W) into the interiors of planes (n_phases, ..., plane)."""
+        for k, ph in enumerate(self.phases):
+            if ph is not None:
+                py, pz, rows, cols = ph
+                self._plane_grid(planes[k])[..., py, pz] = x[..., rows, cols]
+
+    def merge(self, planes, out):
+        """out (..., H, W) = the planes' interiors (the inverse of split); input cells that no
+        window reads are set to 0."""
+        if not self.covers:
+            out[...] = 0
+        for k, ph in enumerate(self.phases):
+            if ph is not None:
+                py, pz, rows, cols = ph
+                out[..., rows, cols] = self._plane_grid(planes[k])[..., py, pz]
+
+    def window(self, planes, k, shift):
+        return planes[k, ..., shift : shift + self.grid]
+
+    def crop(self, grid_arr):
+        """View (..., Ho, Wo) of an (..., Ho * Wq) output-grid array."""
+        g = grid_arr.reshape(grid_arr.shape[:-1] + (self.out[0], self.wq))
+        return g[..., : self.out[1]]
+
+
+def _phase_span(phase, stride, pad, size, limit):
+    """Plane index range [y0, y1) holding input cells of one phase, and its first input index."""
+    y0 = max(0, -((phase - pad) // stride))  # ceil((pad - phase) / stride)
+    y1 = min(limit, (size - 1 + pad - phase) // stride + 1)
+    if y1 <= y0:
+        return None
+    return y0, y1, y0 * stride + phase - pad
+
+
+def im2col_grid(x, grid, kernel, out, planes):
+    """Columns of x (N, C, H, W) on a PhaseGrid: out (C, kh, kw, N, grid.grid).
+
+    `planes`: (n_phases, C, N, plane) scratch, zero-filled once (only interiors are written).
+    """
+    xp = backend.get_array_module(x)
+    kw = kernel[1]
+    n_img = x.shape[0]
+
+    def run(n0, n1):
+        pv = planes[:, :, n0:n1]
+        grid.split(x[n0:n1].swapaxes(0, 1), pv)
+        for code, k, shift in grid.offsets:
+            i, j = divmod(code, kw)
+            out[:, i, j, n0:n1] = grid.window(pv, k, shift)
+
+    parallel_batch(n_img, run, out.size, xp)
+    return out
+
+
+def col2im_grid(col, grid, kernel, out, planes):
+    """Adjoint of im2col_grid: out (N, C, H, W) = summed columns col (C, kh, kw, N, grid.grid).
+
+    Columns in the spare grid positions must be 0. `planes`: (n_phases, C, N, plane) scratch.
+    """
+    xp = backend.get_array_module(col)
+    kw = kernel[1]
+    n_img = out.shape[0]
+
+    def run(n0, n1):
+        pv = planes[:, :, n0:n1]
+        pv[...] = 0
+        for code, k, shift in grid.offsets:
+            i, j = divmod(code, kw)
+            dst = grid.window(pv, k, shift)
+            xp.add(dst, col[:, i, j, n0:n1], out=dst)
+        grid.merge(pv, out[n0:n1].swapaxes(0, 1))
 
     parallel_batch(n_img, run, col.size, xp)
     return out

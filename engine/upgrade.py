@@ -547,12 +547,11 @@ def upgrade_solver_param(param, source="<solver>", problems=None):
     if out.HasField("solver_type"):
         new_type = SOLVER_TYPES[out.solver_type]
         if out.HasField("type") and out.type != new_type:
-            log.warning(
-                "%s: both type %r and the deprecated solver_type %s are set; solver_type wins, "
-                "as in Caffe",
-                source,
-                out.type,
-                caffe_pb2.SolverParameter.SolverType.Name(out.solver_type),
+            # Caffe lets solver_type win silently; a contradiction is more likely a mistake.
+            raise UpgradeError(
+                f"{source}: the deprecated solver_type "
+                f"{caffe_pb2.SolverParameter.SolverType.Name(out.solver_type)} and type "
+                f"{out.type!r} disagree; give only `type`"
             )
         out.type = new_type
         out.ClearField("solver_type")

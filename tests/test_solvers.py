@@ -3,6 +3,7 @@
 update_rules/: exact updates from Caffe's gradients; solvers/: 30 LeNet iterations per case.
 """
 
+import gc
 import json
 import logging
 import os
@@ -183,10 +184,13 @@ def _run_lenet(case_dir, iterations, *, restore=None, solver_file="solver.protot
             return result
 
         solver.test = recording_test
-        for _ in range(iterations):
-            record["lr"].append(solver.lr)
-            solver.step(1)
-            record["loss"].append(float(solver.smoothed_loss))
+        try:
+            for _ in range(iterations):
+                record["lr"].append(solver.lr)
+                solver.step(1)
+                record["loss"].append(float(solver.smoothed_loss))
+        finally:
+            del solver.test  # no solver -> closure -> solver cycle keeping its LMDBs open
     pattern = re.compile(r"L2 norm (\S+) > (\S+)\) by scale factor (\S+)")
     for line in logs.lines:
         m = pattern.search(line)
@@ -319,6 +323,8 @@ def test_lenet_snapshot_restore(tmp_path):
             err = rel_l2(io.blobproto_to_array(x), io.blobproto_to_array(y))
             assert err < 1e-4, f"snapshot {a.name}/{j}: rel L2 {err:.3g} vs Caffe's caffemodel"
     assert (case / "lenet_iter_30.solverstate").is_file()
+    del solver
+    gc.collect()  # a finished solver's Data layers release their LMDB environments
 
     # Restore from Caffe's own snapshot (its learned_net is found beside the solverstate).
     restored_trace = meta["traces"]["restored"]
@@ -331,6 +337,8 @@ def test_lenet_snapshot_restore(tmp_path):
     )
 
     # Our own snapshot round-trips the same way.
+    del solver
+    gc.collect()
     solver, record = _run_lenet(case, 15, restore=str(case / "lenet_iter_15.solverstate"))
     _check_trace(record, restored_trace, restored_tol, first_iter=15)
 

@@ -547,6 +547,14 @@ def test_solver_type_enum_becomes_type_string(enum, name, caplog):
     assert upgrade.upgrade_solver_param(new, "s.prototxt") is new
 
 
+def test_solver_type_conflict_is_an_error():
+    both = caffe_pb2.SolverParameter(type="Adam", solver_type=caffe_pb2.SolverParameter.ADAM)
+    assert upgrade.upgrade_solver_param(both, "s.prototxt").type == "Adam"
+    both.type = "SGD"
+    with pytest.raises(upgrade.UpgradeError, match=r"s\.prototxt: .*ADAM.*'SGD' disagree"):
+        upgrade.upgrade_solver_param(both, "s.prototxt")
+
+
 def test_solver_with_embedded_v1_net_and_tool(tmp_path):
     src, dst = tmp_path / "solver.prototxt", tmp_path / "solver_new.prototxt"
     src.write_text(

@@ -86,6 +86,10 @@ class RecordBatcher:
         raise DataSourceError(f"{self.source.name}: no valid record ({self.skipped} skipped)")
 
     def _bad(self, key, err):
+        what = self.what(key)
+        msg = str(err)
+        if what not in msg:
+            err = f"{what}: {msg}"
         if not self.skip_bad:
             raise BadRecordError(str(err)) from None
         self.skipped += 1
@@ -100,15 +104,15 @@ class RecordBatcher:
     def __call__(self, slot=None):
         n = self.batch_size
         records = self.source.take(n)
-        keys = [k for k, _ in records]
+        keys, values = zip(*records)
         if self.raw_fast_path:
-            got = datum_mod.decode_raw_batch([v for _, v in records])
+            got = datum_mod.decode_raw_batch(values)
             if got is not None and self._fits(got[0].shape[1:], keys[0]):
                 raw, labels = got
                 out = self._out(slot, (n,) + self.transformer.output_shape(raw.shape[1:]))
                 self.transformer.transform(raw, out.data)
                 out.label[...] = labels
-                out.keys = keys
+                out.keys = list(keys)
                 return out
         arrays, labels, keys = self._decode_each(records)
         oshape = self.transformer.output_shape(arrays[0].shape)

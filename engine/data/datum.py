@@ -53,6 +53,7 @@ def decode_mode(force_color=False, force_gray=False):
 def datum_to_array(datum, what="<datum>", mode=images.UNCHANGED):
     """Datum -> C x H x W array: uint8 for raw and encoded records, float32 for float_data.
 
+    The array may be a read-only strided view (np.ascontiguousarray it before writing).
     Encoded records are decoded with `mode` (see images.py); raw ones are checked against
     their declared channels x height x width.
     """
@@ -60,10 +61,11 @@ def datum_to_array(datum, what="<datum>", mode=images.UNCHANGED):
         if not datum.data:
             raise DatumError(f"{what}: encoded Datum has no image bytes")
         try:
-            img = images.decode_image(datum.data, mode, what=what)
+            img = images.decode_image(datum.data, mode, what=what, contiguous=False)
         except images.ImageDecodeError as e:
             raise DatumError(str(e)) from None
-        return images.hwc_to_chw(img)
+        # A C x H x W view of the decoded pixels (BGR through a negative channel stride).
+        return images.hwc_to_chw(img, copy=False)
     c, h, w = datum.channels, datum.height, datum.width
     n = c * h * w
     if datum.data:
@@ -130,16 +132,29 @@ def _data_field_span(value):
     return span
 
 
-def decode_raw_batch(values):
-    """Raw uint8 Datums of one layout -> (N x C x H x W uint8, labels int64), or None.
+class _RawLayout:
+    """Where the pixels and the label sit in a raw Datum of one shape and field layout."""
 
-    Parses the first record with protobuf, then checks with a few vectorised compares that
-    every record has the same bytes around its pixels (same shape and fields) and a label
-    varint of the same length; only then slices all pixels out at once. Returns None when the
-    batch is not uniform (the caller falls back to parsing record by record, which also
-    produces the precise error for a bad record).
-    """
-    first = values[0]
+    __slots__ = ("length", "header", "start", "end", "shape", "fixed_cols", "template", "label")
+
+    def __init__(self, first, start, end, shape, label_len):
+        self.length = len(first)
+        self.header = bytes(first[:start])
+        self.start, self.end, self.shape = start, end, shape
+        label_cols = np.arange(end + 1, end + 1 + label_len)
+        self.label = label_cols
+        cols = np.setdiff1d(np.r_[0:start, end : len(first)], label_cols)
+        self.fixed_cols = cols
+        self.template = np.frombuffer(first, dtype=np.uint8)[cols].copy()
+
+
+_last_layout = [None]  # the layout of the previous batch (one reference: thread-safe to swap)
+
+
+def _raw_layout(first):
+    lay = _last_layout[0]
+    if lay is not None and len(first) == lay.length and first.startswith(lay.header):
+        return lay
     try:
         d0 = caffe_pb2.Datum.FromString(first)
     except message.DecodeError:
@@ -152,46 +167,59 @@ def decode_raw_batch(values):
     if span is None or span[1] - span[0] != n:
         return None
     start, end = span
-    length = len(first)
-    if any(len(v) != length for v in values):
-        return None
-    batch = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), length)
-    if not (batch[:, :start] == batch[0, :start]).all():
-        return None
-    tail = batch[:, end:]
-    labels = _uniform_labels(first[end:], tail)
-    if labels is None:
-        return None
-    return batch[:, start:end].reshape(len(values), c, h, w), labels
+    tail = first[end:]
+    if not tail:
+        label_len = 0
+    else:
+        if tail[0] != 0x28:  # label (field 5, varint) must follow the pixels
+            return None
+        k = 1
+        while k < len(tail) and tail[k] >= 0x80:
+            k += 1
+        if k >= len(tail):
+            return None
+        label_len = k
+        # Only an explicit `encoded: false` may follow the label; anything else: slow path.
+        if tail[k + 1 :] not in (b"", b"\x38\x00"):
+            return None
+    lay = _RawLayout(first, start, end, (c, h, w), label_len)
+    _last_layout[0] = lay
+    return lay
 
 
-def _uniform_labels(first_tail, tail):
-    """Labels from the bytes after the pixels when every record has the same field layout."""
-    if len(first_tail) == 0:
-        return np.zeros(tail.shape[0], dtype=np.int64)
-    if first_tail[0] != 0x28:  # label, varint
+def decode_raw_batch(values):
+    """Raw uint8 Datums of one layout -> (N x C x H x W uint8, labels int64), or None.
+
+    The first record's layout (protobuf-parsed once and cached across batches) gives where
+    pixels and label sit; a few vectorised compares check that every record has the same
+    bytes around its pixels (shape, fields) and a label varint of the same length, then all
+    pixels are sliced out at once. Returns None when the batch is not uniform: the caller
+    then parses record by record, which also produces the precise error for a bad record.
+    """
+    first = values[0]
+    lay = _raw_layout(first)
+    if lay is None or len(set(map(len, values))) != 1:
         return None
-    k = 1
-    while k < len(first_tail) and first_tail[k] >= 0x80:
-        k += 1
-    if k >= len(first_tail):
+    n = len(values)
+    batch = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(n, lay.length)
+    if not (batch[:, lay.fixed_cols] == lay.template).all():
         return None
-    k += 1  # label bytes are tail[1:k]
-    if (tail[:, 0] != 0x28).any():
-        return None
-    lab = tail[:, 1:k].astype(np.int64)
-    if k > 2 and (lab[:, :-1] < 0x80).any():
-        return None
-    if (lab[:, -1] >= 0x80).any():
-        return None
-    rest = first_tail[k:]
-    # Only an explicit `encoded: false` may follow the label; anything else: slow path.
-    if rest and (rest != b"\x38\x00" or not (tail[:, k:] == tail[0, k:]).all()):
-        return None
-    shifts = np.arange(lab.shape[1], dtype=np.uint64) * np.uint64(7)
-    labels = ((lab.astype(np.uint64) & np.uint64(0x7F)) << shifts).sum(axis=1, dtype=np.uint64)
-    # int32 labels are sign-extended to 64 bits on the wire: keep the low 32 bits, signed.
-    return labels.view(np.int64).astype(np.int32).astype(np.int64)
+    k = len(lay.label)
+    if k == 0:
+        labels = np.zeros(n, dtype=np.int64)
+    elif k == 1:
+        labels = batch[:, lay.end + 1].astype(np.int64)
+        if (labels >= 0x80).any():
+            return None
+    else:
+        lab = batch[:, lay.label]
+        if (lab[:, :-1] < 0x80).any() or (lab[:, -1] >= 0x80).any():
+            return None
+        shifts = np.arange(k, dtype=np.uint64) * np.uint64(7)
+        labels = ((lab.astype(np.uint64) & np.uint64(0x7F)) << shifts).sum(axis=1, dtype=np.uint64)
+        # int32 labels are sign-extended to 64 bits on the wire: keep the low 32 bits, signed.
+        labels = labels.view(np.int64).astype(np.int32).astype(np.int64)
+    return batch[:, lay.start : lay.end].reshape((n,) + lay.shape), labels
 
 
 # --- build ---------------------------------------------------------------------------------

@@ -36,11 +36,14 @@ class ImageDecodeError(ValueError):
 # --- decode ------------------------------------------------------------------------------------
 
 
-def decode_image(data, mode=COLOR, what="<image>"):
-    """Decode encoded image bytes to an H x W x C uint8 array in OpenCV's channel order."""
+def decode_image(data, mode=COLOR, what="<image>", contiguous=True):
+    """Decode encoded image bytes to an H x W x C uint8 array in OpenCV's channel order.
+
+    contiguous=False may return a strided view (e.g. RGB memory seen as BGR), saving a copy.
+    """
     try:
         im = Image.open(io.BytesIO(data))
-        return _pil_to_cv(im, mode)
+        return _pil_to_cv(im, mode, contiguous)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"{what}: cannot decode image ({len(data)} bytes): {e}") from None
 
@@ -55,7 +58,7 @@ def read_image(path, mode=COLOR):
     return decode_image(data, mode, what=str(path))
 
 
-def _pil_to_cv(im, mode):
+def _pil_to_cv(im, mode, contiguous=True):
     fmt = im.format
     if mode == GRAY and fmt in ("JPEG", "MPO") and im.mode in ("RGB", "YCbCr", "L"):
         # libjpeg's grey output is the decoded luma plane, not a conversion of RGB.
@@ -85,26 +88,32 @@ def _pil_to_cv(im, mode):
     arr = np.asarray(im)
     if arr.ndim == 2:
         arr = arr[:, :, None]
+    out = _to_opencv_channels(arr, pm, mode, fmt == "PNG")
+    return np.ascontiguousarray(out) if contiguous else out
+
+
+def _to_opencv_channels(arr, pm, mode, png):
+    """H x W x C in Pillow's order (L, LA, RGB, RGBA) -> OpenCV's channels for `mode`."""
     if mode == UNCHANGED:
         if pm == "L":
-            return np.ascontiguousarray(arr)
+            return arr
         if pm == "LA":
             g, a = arr[:, :, 0], arr[:, :, 1]
-            return np.ascontiguousarray(np.stack([g, g, g, a], axis=2))
+            return np.stack([g, g, g, a], axis=2)
         if pm == "RGB":
-            return np.ascontiguousarray(arr[:, :, ::-1])
-        return np.ascontiguousarray(arr[:, :, [2, 1, 0, 3]])
+            return arr[:, :, ::-1]
+        return arr[:, :, [2, 1, 0, 3]]
     if pm in ("LA", "RGBA"):
         arr = arr[:, :, :-1]  # alpha is stripped, not composited
     if mode == COLOR:
         if arr.shape[2] == 1:
-            return np.ascontiguousarray(np.broadcast_to(arr, arr.shape[:2] + (3,)))
-        return np.ascontiguousarray(arr[:, :, ::-1])
+            return np.broadcast_to(arr, arr.shape[:2] + (3,))
+        return arr[:, :, ::-1]
     if mode != GRAY:
         raise ValueError(f"unknown decode mode {mode!r}")
     if arr.shape[2] == 1:
-        return np.ascontiguousarray(arr)
-    return rgb_to_gray(arr, png=fmt == "PNG")[:, :, None]
+        return arr
+    return rgb_to_gray(arr, png=png)[:, :, None]
 
 
 def _exif_orient(im):
@@ -221,8 +230,7 @@ def read_image_resized(path, height=0, width=0, is_color=True):
     return img
 
 
-def hwc_to_chw(img):
-    """H x W x C (cv::Mat order) to C x H x W (Caffe's blob order)."""
-    if img.ndim == 2:
-        return img[None]
-    return np.ascontiguousarray(img.transpose(2, 0, 1))
+def hwc_to_chw(img, copy=True):
+    """H x W x C (cv::Mat order) to C x H x W (Caffe's blob order); copy=False: a view."""
+    chw = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
+    return np.ascontiguousarray(chw) if copy else chw

@@ -7,6 +7,7 @@ media and LMDBs written by real Caffe (a directory with data.mdb / lock.mdb) ope
 
 import itertools
 import os
+import threading
 
 import lmdb
 
@@ -15,8 +16,40 @@ from engine.data.sources import DataSourceError, RecordSource
 _INITIAL_MAP_SIZE = 1 << 26  # the writer doubles it whenever the map fills
 
 
+# py-lmdb refuses to open one environment twice in a process: read-only environments are
+# shared (reference counted) between every source reading the same LMDB.
+_shared = {}
+_shared_lock = threading.Lock()
+
+
+def acquire_env(path):
+    """The process-wide read-only Environment of an LMDB; pair with release_env(path)."""
+    real = os.path.realpath(os.fspath(path))
+    with _shared_lock:
+        entry = _shared.get(real)
+        if entry is None:
+            entry = _shared[real] = [open_env(path), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def release_env(path):
+    real = os.path.realpath(os.fspath(path))
+    with _shared_lock:
+        entry = _shared.get(real)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _shared[real]
+            entry[0].close()
+
+
 def open_env(path, readonly=True):
-    """An lmdb.Environment for an existing LMDB (directory or single file), read-only."""
+    """An lmdb.Environment for an existing LMDB (directory or single file), read-only.
+
+    Prefer acquire_env/release_env, which share one Environment per LMDB in the process.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataSourceError(f"{path}: LMDB not found (no such file or directory)")
@@ -44,11 +77,11 @@ def is_lmdb(path):
 
 
 def count_records(path):
-    env = open_env(path)
+    env = acquire_env(path)
     try:
         return env.stat()["entries"]
     finally:
-        env.close()
+        release_env(path)
 
 
 class LMDBSource(RecordSource):
@@ -61,13 +94,14 @@ class LMDBSource(RecordSource):
     def __init__(self, path, start_key=None, count=None):
         self.path = os.fspath(path)
         self.name = f"LMDB {self.path}"
-        self._env = open_env(self.path)
+        self._env = acquire_env(self.path)
         try:
             self._txn = self._env.begin(buffers=False)
             self._cursor = self._txn.cursor()
             total = self._env.stat()["entries"]
         except lmdb.Error as e:
-            self._env.close()
+            self._env = None
+            release_env(self.path)
             raise DataSourceError(f"{self.name}: cannot read: {e}") from None
         if isinstance(start_key, str):
             start_key = start_key.encode("utf-8")
@@ -107,8 +141,15 @@ class LMDBSource(RecordSource):
             return iter(())
         it = self._cursor.iternext(keys=True, values=True)
         if self.start_key is None:
-            return _guarded(it, self.name)
-        return _guarded(itertools.islice(it, self._count), self.name)
+            return it
+        return itertools.islice(it, self._count)
+
+    def take(self, n):
+        # The cursor is iterated in C (islice over iternext); errors are mapped here.
+        try:
+            return super().take(n)
+        except lmdb.Error as e:
+            raise DataSourceError(f"{self.name}: cannot read record: {e}") from None
 
     def __len__(self):
         return self._count
@@ -120,32 +161,24 @@ class LMDBSource(RecordSource):
                 self._txn.abort()
             except lmdb.Error:
                 pass
-            env.close()
-
-
-def _guarded(it, name):
-    """Re-raise LMDB read errors (corrupt pages) as DataSourceError naming the source."""
-    try:
-        yield from it
-    except lmdb.Error as e:
-        raise DataSourceError(f"{name}: cannot read record: {e}") from None
+            release_env(self.path)
 
 
 def read_all(path):
     """Every (key, value) of an LMDB in key order (small databases: tests and tools)."""
-    env = open_env(path)
+    env = acquire_env(path)
     try:
         with env.begin(buffers=False) as txn:
             return list(txn.cursor())
     except lmdb.Error as e:
         raise DataSourceError(f"{path}: cannot read: {e}") from None
     finally:
-        env.close()
+        release_env(path)
 
 
 def iter_records(path):
     """Iterate over (key, value) of an LMDB once, in key order, without loading it all."""
-    env = open_env(path)
+    env = acquire_env(path)
     try:
         with env.begin(buffers=False) as txn:
             try:
@@ -153,7 +186,7 @@ def iter_records(path):
             except lmdb.Error as e:
                 raise DataSourceError(f"{path}: cannot read record: {e}") from None
     finally:
-        env.close()
+        release_env(path)
 
 
 def shard_ranges(path, num_shards):
@@ -161,12 +194,12 @@ def shard_ranges(path, num_shards):
     by at most one and together cover every record once (for LMDBSource(start_key, count))."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    env = open_env(path)
+    env = acquire_env(path)
     try:
         with env.begin() as txn:
             keys = list(txn.cursor().iternext(keys=True, values=False))
     finally:
-        env.close()
+        release_env(path)
     total = len(keys)
     if total < num_shards:
         raise DataSourceError(f"{path}: {total} records cannot fill {num_shards} shards")

@@ -45,7 +45,9 @@ class DataTransformer:
                 )
             self.mean = np.ascontiguousarray(mean, dtype=np.float32)
         self.mean_values = np.asarray(param.mean_value, dtype=np.float32)
-        if (self.crop or self.mirror) and rng is None and (self.phase == caffe_pb2.TRAIN or self.mirror):
+        self._mean_cache = {}
+        needs_rng = self.mirror or (self.crop and phase == caffe_pb2.TRAIN)
+        if needs_rng and rng is None:
             raise TransformError(f"{what}: random crop/mirror needs a random generator")
 
     # --- shapes --------------------------------------------------------------------------
@@ -81,66 +83,99 @@ class DataTransformer:
             return np.full((c, 1, 1), self.mean_values[0], dtype=np.float32)
         return self.mean_values.reshape(c, 1, 1)
 
+    def _mean_for(self, c):
+        """The mean to subtract from a c-channel input (mean_file, mean_value or None)."""
+        if self.mean is not None:
+            return self.mean
+        if not len(self.mean_values):
+            return None
+        cached = self._mean_cache.get(c)
+        if cached is None:
+            cached = self._mean_cache[c] = self._mean_vector(c)
+        return cached
+
     # --- transform -----------------------------------------------------------------------
+    def _draws(self, n, h, w, oh, ow):
+        """Per-item crop offsets (random in TRAIN, else centred) and mirror flags."""
+        if self.crop and self.phase == caffe_pb2.TRAIN:
+            ys = self.rng.integers(0, h - oh + 1, size=n)
+            xs = self.rng.integers(0, w - ow + 1, size=n)
+        else:
+            ys = np.full(n, (h - oh) // 2)
+            xs = np.full(n, (w - ow) // 2)
+        flips = self.rng.integers(0, 2, size=n).astype(bool) if self.mirror else np.zeros(n, bool)
+        return ys, xs, flips
+
+    def _item(self, src, mean, y, x, flip, out):
+        """One C x H x W item into out (C x H' x W'): crop, subtract, scale, mirror."""
+        oh, ow = out.shape[1:]
+        src = src[:, y : y + oh, x : x + ow]
+        if mean is not None and mean.shape[1] > 1:
+            mean = mean[:, y : y + oh, x : x + ow]
+        if flip:
+            # Caffe takes the mean at the source pixel, then writes the result mirrored.
+            src = src[:, :, ::-1]
+            if mean is not None and mean.shape[1] > 1:
+                mean = mean[:, :, ::-1]
+        if mean is not None:
+            np.subtract(src, mean, out=out)
+            if self.scale != 1:
+                out *= self.scale
+        elif self.scale != 1:
+            np.multiply(src, self.scale, out=out)
+        else:
+            out[...] = src
+
     def transform(self, batch, out=None):
         """Transform N x C x H x W (uint8 or float32) into float32 N x C x H' x W'."""
         n, c, h, w = batch.shape
         oc, oh, ow = self.output_shape((c, h, w))
-        if out is None:
-            out = np.empty((n, oc, oh, ow), dtype=np.float32)
-        elif out.shape != (n, oc, oh, ow) or out.dtype != np.float32:
-            raise ValueError(f"transform: out is {out.shape} {out.dtype}, need {(n, oc, oh, ow)}")
+        out = self._out(out, (n, oc, oh, ow))
         if n == 0:
             return out
-        mean = self.mean
-        if mean is None and len(self.mean_values):
-            mean = self._mean_vector(c)
-        per_item = self.crop and self.phase == caffe_pb2.TRAIN
-        if per_item:
-            hs = self.rng.integers(0, h - oh + 1, size=n)
-            ws = self.rng.integers(0, w - ow + 1, size=n)
-            full = mean is not None and mean.shape[1] > 1
+        mean = self._mean_for(c)
+        if self.mirror or (self.crop and self.phase == caffe_pb2.TRAIN):
+            ys, xs, flips = self._draws(n, h, w, oh, ow)
             for i in range(n):
-                y, x = int(hs[i]), int(ws[i])
-                src = batch[i, :, y : y + oh, x : x + ow]
-                if mean is None:
-                    out[i] = src
-                elif full:
-                    np.subtract(src, mean[:, y : y + oh, x : x + ow], out=out[i])
-                else:
-                    np.subtract(src, mean, out=out[i])
+                self._item(batch[i], mean, int(ys[i]), int(xs[i]), flips[i], out[i])
+            return out
+        # Same window for every item: whole-batch NumPy operations.
+        y, x = (h - oh) // 2, (w - ow) // 2
+        src = batch[:, :, y : y + oh, x : x + ow]
+        if mean is not None:
+            m = mean[None, :, y : y + oh, x : x + ow] if mean.shape[1] > 1 else mean[None]
+            np.subtract(src, m, out=out)
+            if self.scale != 1:
+                out *= self.scale
+        elif self.scale != 1:
+            np.multiply(src, self.scale, out=out)
         else:
-            y, x = (h - oh) // 2, (w - ow) // 2
-            src = batch[:, :, y : y + oh, x : x + ow]
-            if mean is None:
-                out[...] = src
-            elif mean.shape[1] > 1:
-                np.subtract(src, mean[None, :, y : y + oh, x : x + ow], out=out)
-            else:
-                np.subtract(src, mean[None], out=out)
-        if self.scale != 1:
-            out *= self.scale
-        if self.mirror:
-            flip = np.flatnonzero(self.rng.integers(0, 2, size=n))
-            if len(flip):
-                out[flip] = out[flip, :, :, ::-1]
+            out[...] = src
         return out
 
     def transform_list(self, arrays, out=None):
-        """Transform a list of C x H x W arrays (sizes may differ when cropping)."""
+        """Transform a list of C x H x W arrays (views welcome; sizes may differ with a crop)."""
         if not arrays:
             raise ValueError("transform_list: no arrays")
-        shapes = {a.shape for a in arrays}
-        if len(shapes) == 1:
-            return self.transform(np.stack(arrays), out)
-        oshapes = {self.output_shape(s) for s in shapes}
+        oshapes = {self.output_shape(a.shape) for a in arrays}
         if len(oshapes) != 1:
+            shapes = sorted({a.shape for a in arrays})
             raise TransformError(
-                f"{self.what}: inputs of different sizes {sorted(shapes)} in one batch "
+                f"{self.what}: inputs of different sizes {shapes} in one batch "
                 "(set crop_size or resize them)"
             )
-        if out is None:
-            out = np.empty((len(arrays),) + oshapes.pop(), dtype=np.float32)
+        oshape = oshapes.pop()
+        out = self._out(out, (len(arrays),) + oshape)
         for i, a in enumerate(arrays):
-            self.transform(a[None], out[i : i + 1])
+            c, h, w = a.shape
+            ys, xs, flips = self._draws(1, h, w, oshape[1], oshape[2])
+            self._item(a, self._mean_for(c), int(ys[0]), int(xs[0]), flips[0], out[i])
+        return out
+
+    @staticmethod
+    def _out(out, shape):
+        if out is None:
+            return np.empty(shape, dtype=np.float32)
+        if out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"transform: out is {out.shape} {out.dtype}, need {shape} float32")
         return out

@@ -337,7 +337,6 @@ class Convolution(BaseConvolution):
             for n0, n1 in chunks:
                 rows = self._to_rows(dmap[n0:n1], "drows")
                 if self._col_ready.get(slot) and len(chunks) == 1:
-                    xp = backend.get_array_module(rows)
                     col = self._buf[("col", slot)][:, : (n1 - n0) * self.map_dim]
                 else:
                     col = self._columns(img[n0:n1], slot)

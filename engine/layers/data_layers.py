@@ -13,6 +13,7 @@ import numpy as np
 
 from engine import rng as engine_rng
 from engine.data import batches, images
+from engine.data.datum import decode_mode
 from engine.data.hdf5 import HDF5Appender, HDF5DataError, HDF5Rows, read_list_file
 from engine.data.lmdb_io import LMDBSource, is_lmdb
 from engine.data.prefetch import PrefetchError, Prefetcher
@@ -98,7 +99,7 @@ class _BatchLayer(Layer):
             try:
                 batch = self._prefetcher.get()
             except PrefetchError as e:
-                raise self.error(str(e)) from e.__cause__
+                raise self.error(str(e.__cause__ or e)) from e.__cause__
         _copy_into(top[0], batch.data)
         if len(top) > 1:
             _copy_into(top[1], batch.label)
@@ -141,17 +142,9 @@ class Data(_BatchLayer):
             raise self.error(str(e)) from None
         try:
             rng = _layer_rng()
-            tp = self.param.transform_param
-            transformer = DataTransformer(
-                _transform_param(self.param, dp), self.phase, rng, f"layer {self.name!r}"
-            )
-            if dp.force_encoded_color and not tp.force_gray:
-                tp = caffe_pb2.TransformationParameter()
-                tp.CopyFrom(transformer.param)
-                tp.force_color = True
-            from engine.data.datum import decode_mode
-
-            mode = decode_mode(tp.force_color, tp.force_gray)
+            tp = _transform_param(self.param, dp)
+            transformer = DataTransformer(tp, self.phase, rng, f"layer {self.name!r}")
+            mode = decode_mode(tp.force_color or dp.force_encoded_color, tp.force_gray)
             if dp.rand_skip:
                 source.skip(int(rng.integers(0, dp.rand_skip)))
             batcher = batches.RecordBatcher(
@@ -349,6 +342,9 @@ class MemoryData(Layer):
     def backward(self, top, propagate_down, bottom):
         pass
 
+    def close(self):
+        self._data = self._labels = None
+
 
 def set_input_arrays(net, data, labels):
     """pycaffe's Net.set_input_arrays: feed the net's first layer, which must be MemoryData."""
@@ -401,6 +397,9 @@ class HDF5Data(Layer):
 
     def backward(self, top, propagate_down, bottom):
         pass
+
+    def close(self):
+        pass  # files are read whole and closed at once
 
 
 @register("HDF5Output")

@@ -1,0 +1,164 @@
+"""Training-step speed of the engine on LeNet (batch 64) and CIFAR10-quick (batch 100):
+ms per forward+backward, per-layer times, GFLOP/s of the conv/IP layers and the machine's SGEMM.
+
+    python bench/engine_speed.py [--iters 20] [--warmup 3] [--nets lenet cifar10_quick]
+        [--force-backward] [--golden ../shared/golden]
+
+Like `caffe time`: TRAIN phase, random input, no gradient into the data unless
+--force-backward (the golden prototxts set force_backward; `caffe time` nets do not).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import engine  # noqa: E402
+from engine import io  # noqa: E402
+from engine.im2col import num_threads  # noqa: E402
+
+NETS = {"lenet": 64, "cifar10_quick": 100}
+# Caffe 1.0 (OpenBLAS, 2 vCPU AMD EPYC) from golden/timing: forward+backward ms per batch.
+CAFFE_MS = {"lenet": 14.7, "cifar10_quick": 128.5}
+TARGET_MS = {"lenet": 12.0, "cifar10_quick": 55.0}
+
+
+def build(golden, name, batch, force_backward):
+    param = io.read_net_param(str(golden / "nets" / name / "net.prototxt"))
+    param.force_backward = force_backward
+    for lp in param.layer:
+        if lp.type == "Input":
+            for shape in lp.input_param.shape:
+                shape.dim[0] = batch
+    net = engine.Net(param, phase=engine.TRAIN)
+    rs = np.random.RandomState(0)
+    for name_ in net.inputs:
+        blob = net.blobs[name_]
+        if name_ == "label":
+            blob.data[...] = rs.randint(0, 10, size=blob.shape)
+        else:
+            blob.data[...] = rs.standard_normal(blob.shape)
+    return net
+
+
+def macs(layer, bottom, top):
+    """Multiply-adds of one forward pass of a conv / deconv / IP layer (else 0)."""
+    kind = layer.type_name
+    if kind == "Convolution":
+        return layer.num * layer.num_output * layer.map_dim * layer.kernel_dim // layer.group
+    if kind == "Deconvolution":
+        return layer.num * layer.channels * layer.map_dim * layer.kernel_dim // layer.group
+    if kind == "InnerProduct":
+        return layer.m * layer.k * layer.num_output
+    return 0
+
+
+def time_net(net, iters, warmup):
+    n = len(net.layers)
+    fwd = np.zeros((iters, n))
+    bwd = np.zeros((iters, n))
+    total = []
+    for it in range(warmup + iters):
+        t_start = time.perf_counter()
+        row_f = np.zeros(n)
+        row_b = np.zeros(n)
+        for i in range(n):
+            t0 = time.perf_counter()
+            layer, bottom, top = net.layers[i], net.bottom_vecs[i], net.top_vecs[i]
+            layer.reshape(bottom, top)
+            layer.forward(bottom, top)
+            row_f[i] = time.perf_counter() - t0
+        for i in range(n - 1, -1, -1):
+            if net.layer_need_backward[i]:
+                t0 = time.perf_counter()
+                net.layers[i].backward(
+                    net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i]
+                )
+                row_b[i] = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t_start
+        net.clear_param_diffs()
+        if it >= warmup:
+            fwd[it - warmup], bwd[it - warmup] = row_f, row_b
+            total.append(elapsed)
+    return np.median(fwd, axis=0) * 1e3, np.median(bwd, axis=0) * 1e3, total
+
+
+def sgemm_gflops(m, k, n, reps=10):
+    rs = np.random.RandomState(0)
+    a = rs.standard_normal((m, k)).astype(np.float32)
+    b = rs.standard_normal((k, n)).astype(np.float32)
+    out = np.empty((m, n), np.float32)
+    for _ in range(3):
+        np.matmul(a, b, out=out)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=out)
+        ts.append(time.perf_counter() - t0)
+    return 2.0 * m * k * n / min(ts) / 1e9
+
+
+def report(name, net, iters, warmup):
+    f_ms, b_ms, total = time_net(net, iters, warmup)
+    ms = [t * 1e3 for t in total]
+    med = statistics.median(ms)
+    print(f"\n== {name}  batch {net.blobs[net.inputs[0]].shape[0]}")
+    print(
+        f"forward+backward: median {med:.2f} ms  (min {min(ms):.2f}, max {max(ms):.2f}; "
+        f"forward {f_ms.sum():.2f}, backward {b_ms.sum():.2f})   "
+        f"target {TARGET_MS[name]} ms, Caffe {CAFFE_MS[name]} ms"
+    )
+    print(f"{'layer':<14}{'type':<16}{'fwd ms':>9}{'bwd ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
+    flop_total = 0.0
+    gemm_ms = 0.0
+    for i, layer in enumerate(net.layers):
+        mac = macs(layer, net.bottom_vecs[i], net.top_vecs[i])
+        flop = 0.0
+        if mac:
+            flop = 2.0 * mac
+            if net.layer_need_backward[i]:
+                flop += 2.0 * mac * (1 + any(net.bottom_need_backward[i]))
+            flop_total += flop
+            gemm_ms += f_ms[i] + b_ms[i]
+        rate = f"{flop / ((f_ms[i] + b_ms[i]) * 1e6):9.1f}" if mac else ""
+        gf = f"{flop / 1e9:9.3f}" if mac else ""
+        print(f"{net.layer_names[i]:<14}{layer.type_name:<16}{f_ms[i]:9.2f}{b_ms[i]:9.2f}{gf}{rate}")
+    print(
+        f"conv+IP: {flop_total / 1e9:.3f} GFLOP in {gemm_ms:.2f} ms = "
+        f"{flop_total / (gemm_ms * 1e6):.1f} GFLOP/s (forward 2*MACs; backward 2*MACs per "
+        f"gradient computed: weights, and the bottom where needed)"
+    )
+    return med
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    ap.add_argument("--force-backward", action="store_true")
+    ap.add_argument("--golden", type=Path, default=ROOT.parent / "shared" / "golden")
+    args = ap.parse_args(argv)
+    print(f"numpy {np.__version__}, copy threads {num_threads()}")
+    print(
+        "SGEMM GFLOP/s: 1024^3 {:.1f}; conv-shaped (32x800x25600) {:.1f}, "
+        "(64x800x6400) {:.1f}, (50x500x4096) {:.1f}".format(
+            sgemm_gflops(1024, 1024, 1024),
+            sgemm_gflops(32, 800, 25600),
+            sgemm_gflops(64, 800, 6400),
+            sgemm_gflops(50, 500, 4096),
+        )
+    )
+    for name in args.nets:
+        net = build(args.golden, name, NETS[name], args.force_backward)
+        report(name, net, args.iters, args.warmup)
+
+
+if __name__ == "__main__":
+    main()

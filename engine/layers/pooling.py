@@ -1,0 +1,385 @@
+"""Pooling (MAX with optional argmax top, AVE, STOCHASTIC) with Caffe's output-size and
+divisor rules, vectorised over kernel offsets.
+
+Each window offset reads one shifted view of a "phase" plane: the padded input split by
+stride phase and flattened, so every offset is one contiguous slice over the whole batch (the
+output grid carries (k-1)/s spare columns per row, dropped at the end).
+"""
+
+import numpy as np
+
+from engine import backend
+from engine.im2col import PhaseGrid, parallel_batch, scratch
+from engine.layer import Layer, register
+from engine.proto import caffe_pb2
+from engine.rng import rng
+
+_PP = caffe_pb2.PoolingParameter
+_FLT_MIN = float(np.finfo(np.float32).min)  # Caffe's -FLT_MAX
+
+
+def pooled_size(size, kernel, pad, stride, ceil_mode=True, clip=None):
+    """Caffe's pooled length: ceil (or floor) of (size + 2 pad - kernel) / stride, plus one;
+    with padding, a last window starting at or beyond size + pad is dropped. `clip`
+    (default: pad > 0) says whether that rule applies (Caffe applies it when any pad is set)."""
+    span = size + 2 * pad - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if (pad > 0 if clip is None else clip) and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+class _Plan:
+    """A PhaseGrid for one pooling geometry plus the AVE divisors and argmax-index tables."""
+
+    def __init__(self, height, width, kernel, stride, pad, out):
+        (kh, kw), (sh, sw), (ph, pw), (ho, wo) = kernel, stride, pad, out
+        self.phase_grid = g = PhaseGrid((height, width), kernel, stride, pad, (1, 1), out)
+        self.height, self.width, self.kernel = height, width, kernel
+        self.ho, self.wo, self.wq = ho, wo, g.wq
+        self.plane, self.grid, self.offsets, self.phases = g.plane, g.grid, g.offsets, g.phases
+        # AVE divisor: window clipped to [-pad, size + pad), padding cells counted.
+        hs = np.arange(ho) * sh - ph
+        ws = np.arange(wo) * sw - pw
+        size_h = np.minimum(hs + kh, height + ph) - hs
+        size_w = np.minimum(ws + kw, width + pw) - ws
+        self.divisor = (size_h[:, None] * size_w[None, :]).astype(np.float32)
+        # Input position of each (output, code), for the argmax top.
+        self.code_h = np.array([-1] + [i for i in range(kh) for _ in range(kw)], np.int64)
+        self.code_w = np.array([-1] + [j for _ in range(kh) for j in range(kw)], np.int64)
+        self.base_h = (np.arange(ho) * sh - ph)[:, None]
+        self.base_w = (np.arange(wo) * sw - pw)[None, :]
+
+    def split(self, x3, planes, n0, n1):
+        """Input rows n0:n1 of x3 (NC, H, W) into the phase planes (NPH, NC, plane)."""
+        self.phase_grid.split(x3[n0:n1], planes[:, n0:n1])
+
+    def merge(self, planes, dx3, n0, n1):
+        """dx3[n0:n1] = the phase planes' interiors (inverse of split)."""
+        self.phase_grid.merge(planes[:, n0:n1], dx3[n0:n1])
+
+    def window(self, planes, k, shift, n0, n1):
+        return planes[k, n0:n1, shift : shift + self.grid]
+
+
+@register("Pooling")
+class Pooling(Layer):
+    """MAX / AVE / STOCHASTIC pooling over kh x kw windows (stride, pad, ceil or floor rounding).
+
+    bottom (N, C, H, W) -> top (N, C, Ho, Wo), Ho = ceil((H + 2p - k) / s) + 1 (clipped as in
+    Caffe). MAX may add a second top: the argmax as float h * W + w in the input plane. AVE
+    divides by the window clipped to [-p, H + p). STOCHASTIC samples in TRAIN (probability
+    proportional to the activation) and returns sum(x^2) / sum(x) in TEST.
+    """
+
+    exact_num_bottom = 1
+    min_num_top = 1
+    max_num_top = 2
+
+    def layer_setup(self, bottom, top):
+        pp = self.param.pooling_param
+        self.method = pp.pool
+        if len(top) > 1 and self.method != _PP.MAX:
+            raise self.error("only MAX pooling can have a second (mask) top")
+        self.global_pooling = pp.global_pooling
+        has_hw = pp.HasField("kernel_h") or pp.HasField("kernel_w")
+        if self.global_pooling:
+            if pp.HasField("kernel_size") or has_hw:
+                raise self.error("with global_pooling the kernel size cannot be specified")
+        else:
+            if pp.HasField("kernel_size") and has_hw:
+                raise self.error("kernel is kernel_size OR kernel_h and kernel_w, not both")
+            if not pp.HasField("kernel_size") and not (
+                pp.HasField("kernel_h") and pp.HasField("kernel_w")
+            ):
+                raise self.error("kernel_size or both kernel_h and kernel_w are required")
+        if (pp.HasField("pad") and (pp.HasField("pad_h") or pp.HasField("pad_w"))) or (
+            not pp.HasField("pad_h") and pp.HasField("pad_w")
+        ):
+            raise self.error("pad is pad OR pad_h and pad_w, not both")
+        if (pp.HasField("stride") and (pp.HasField("stride_h") or pp.HasField("stride_w"))) or (
+            not pp.HasField("stride_h") and pp.HasField("stride_w")
+        ):
+            raise self.error("stride is stride OR stride_h and stride_w, not both")
+        if has_hw:
+            self.kernel = (int(pp.kernel_h), int(pp.kernel_w))
+        else:
+            self.kernel = (int(pp.kernel_size),) * 2
+        if pp.HasField("pad_h"):
+            self.pad = (int(pp.pad_h), int(pp.pad_w))
+        else:
+            self.pad = (int(pp.pad),) * 2
+        if pp.HasField("stride_h"):
+            self.stride = (int(pp.stride_h), int(pp.stride_w))
+        else:
+            self.stride = (int(pp.stride),) * 2
+        if self.global_pooling:
+            if any(self.pad) or any(s != 1 for s in self.stride):
+                raise self.error("with global_pooling only pad = 0 and stride = 1 are allowed")
+        elif any(k <= 0 for k in self.kernel):
+            raise self.error(f"kernel dimensions must be positive, got {self.kernel}")
+        if any(s <= 0 for s in self.stride):
+            raise self.error(f"stride must be positive, got {self.stride}")
+        if any(self.pad):
+            if self.method not in (_PP.MAX, _PP.AVE):
+                raise self.error("padding is implemented only for AVE and MAX pooling")
+            if not self.global_pooling and (
+                self.pad[0] >= self.kernel[0] or self.pad[1] >= self.kernel[1]
+            ):
+                raise self.error(f"pad {self.pad} must be smaller than the kernel {self.kernel}")
+        self.ceil_mode = pp.round_mode == _PP.CEIL
+        self._buf = {}
+        self._plan = None
+        self._key = None
+
+    def reshape(self, bottom, top):
+        b = bottom[0]
+        if b.num_axes != 4:
+            raise self.error(f"input must have 4 axes (N, C, H, W), got shape {b.shape}")
+        n, c, h, w = b.shape
+        kernel = (h, w) if self.global_pooling else self.kernel
+        any_pad = bool(self.pad[0] or self.pad[1])
+        out = tuple(
+            pooled_size(size, k, p, s, self.ceil_mode, any_pad)
+            for size, k, p, s in zip((h, w), kernel, self.pad, self.stride)
+        )
+        if any(o <= 0 for o in out):
+            raise self.error(f"kernel {kernel} does not fit the input {b.shape}")
+        for t in top:
+            t.reshape((n, c) + out)
+        key = (h, w, kernel, out)
+        if key != self._key:
+            self._key = key
+            self._buf = {}  # plane buffers keep their fill outside the interior: start afresh
+            self._plan = _Plan(h, w, kernel, self.stride, self.pad, out)
+            # A window covering the whole (unpadded) plane: plain reductions.
+            self._whole = out == (1, 1) and not any_pad and kernel[0] >= h and kernel[1] >= w
+        self.nc = n * c
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _code_dtype(self):
+        kk = self._plan.kernel[0] * self._plan.kernel[1] + 1
+        return np.int8 if kk < 127 else (np.int16 if kk < 32767 else np.int32)
+
+    def _planes(self, x3, xp, fill):
+        plan = self._plan
+        planes = scratch(
+            self._buf, ("planes", fill), (len(plan.phases), self.nc, plan.plane), xp=xp, fill=fill
+        )
+        parallel_batch(self.nc, lambda n0, n1: plan.split(x3, planes, n0, n1), x3.size, xp)
+        return planes
+
+    def _grid(self, name, xp, dtype=np.float32):
+        return scratch(self._buf, name, (self.nc, self._plan.grid), dtype, xp=xp)
+
+    def _to_output(self, grid, out3):
+        plan = self._plan
+        g = grid.reshape(self.nc, plan.ho, plan.wq)[:, :, : plan.wo]
+        out3[...] = g.reshape(out3.shape)
+
+    def _dy_grid(self, dy, xp, scale=None):
+        """Top diff on the output grid (zeros in the spare columns), optionally / divisor."""
+        plan = self._plan
+        g = self._grid("dgrid", xp)
+        g3 = g.reshape(self.nc, plan.ho, plan.wq)
+        dy3 = dy.reshape(self.nc, plan.ho, plan.wo)
+        if scale is None:
+            g3[:, :, : plan.wo] = dy3
+        else:
+            xp.divide(dy3, scale, out=g3[:, :, : plan.wo])
+        g3[:, :, plan.wo :] = 0
+        return g
+
+    def _scatter(self, dx3, xp, body):
+        """Run body(dplanes, n0, n1) to accumulate into zeroed phase planes, then merge."""
+        plan = self._plan
+        dplanes = scratch(self._buf, "dplanes", (len(plan.phases), self.nc, plan.plane), xp=xp)
+
+        def run(n0, n1):
+            dplanes[:, n0:n1] = 0
+            body(dplanes, n0, n1)
+            plan.merge(dplanes, dx3, n0, n1)
+
+        parallel_batch(self.nc, run, dplanes.size, xp)
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        xp = backend.get_array_module(x)
+        plan = self._plan
+        x3 = x.reshape(self.nc, plan.height, plan.width)
+        y = top[0].data
+        if self._whole and self.method != _PP.STOCHASTIC:
+            self._forward_whole(x3, y, top, xp)
+            return
+        if self.method == _PP.MAX:
+            self._forward_max(x3, y, top, xp)
+        elif self.method == _PP.AVE:
+            planes = self._planes(x3, xp, 0.0)
+            acc = self._grid("acc", xp)
+
+            def run(n0, n1):
+                for n, (_, k, shift) in enumerate(plan.offsets):
+                    v = plan.window(planes, k, shift, n0, n1)
+                    if n == 0:
+                        acc[n0:n1] = v
+                    else:
+                        xp.add(acc[n0:n1], v, out=acc[n0:n1])
+
+            parallel_batch(self.nc, run, acc.size * len(plan.offsets), xp)
+            g = acc.reshape(self.nc, plan.ho, plan.wq)[:, :, : plan.wo]
+            xp.divide(g, xp.asarray(plan.divisor), out=y.reshape(g.shape))
+        elif self.method == _PP.STOCHASTIC:
+            self._forward_stochastic(x3, y, xp)
+        else:
+            raise self.error(f"unknown pooling method {self.method}")
+
+    def _forward_whole(self, x3, y, top, xp):
+        x2 = x3.reshape(self.nc, -1)
+        if self.method == _PP.AVE:
+            y.reshape(-1)[...] = x2.sum(axis=1) / np.float32(x2.shape[1])
+            return
+        idx = x2.argmax(axis=1)
+        best = xp.take_along_axis(x2, idx[:, None], axis=1)[:, 0]
+        found = best > _FLT_MIN
+        code = self._grid("code", xp, np.int64)[:, 0]
+        code[...] = xp.where(found, idx + 1, 0)
+        y.reshape(-1)[...] = xp.where(found, best, np.float32(_FLT_MIN))
+        if len(top) > 1:
+            top[1].data.reshape(-1)[...] = code - 1
+
+    def _forward_max(self, x3, y, top, xp):
+        plan = self._plan
+        planes = self._planes(x3, xp, float("-inf"))
+        best = self._grid("best", xp)
+        code = self._grid("code", xp, self._code_dtype())
+        mask = self._grid("mask", xp, bool)
+        tmp = self._grid("tcode", xp, self._code_dtype())
+        ctype = code.dtype.type
+
+        # Masked writes (copyto/where) are slow on random masks; use plain arithmetic:
+        # codes grow along the scan, so code = max(code, (v > best) * (c + 1)) keeps the
+        # first strict maximum, as Caffe's `if (x > top)` scan does.
+        def run(n0, n1):
+            b, c, m, t = best[n0:n1], code[n0:n1], mask[n0:n1], tmp[n0:n1]
+            b[...] = _FLT_MIN
+            c[...] = 0
+            for cc, k, shift in plan.offsets:
+                v = plan.window(planes, k, shift, n0, n1)
+                xp.greater(v, b, out=m)
+                xp.fmax(b, v, out=b)
+                xp.multiply(m, ctype(cc + 1), out=t)
+                xp.maximum(c, t, out=c)
+
+        parallel_batch(self.nc, run, best.size * len(plan.offsets), xp)
+        self._to_output(best, y.reshape(self.nc, plan.ho, plan.wo))
+        if len(top) > 1:
+            self._write_mask(code, top[1].data, xp)
+
+    def _write_mask(self, code, out, xp):
+        plan = self._plan
+        c = code.reshape(self.nc, plan.ho, plan.wq)[:, :, : plan.wo].astype(np.int64)
+        h = xp.asarray(plan.base_h) + xp.take(xp.asarray(plan.code_h), c)
+        w = xp.asarray(plan.base_w) + xp.take(xp.asarray(plan.code_w), c)
+        flat = xp.where(c > 0, h * plan.width + w, -1)
+        out.reshape(flat.shape)[...] = flat
+
+    def _forward_stochastic(self, x3, y, xp):
+        plan = self._plan
+        planes = self._planes(x3, xp, 0.0)
+        total = self._grid("total", xp)
+        total[...] = 0
+        for _, k, shift in plan.offsets:
+            total += plan.window(planes, k, shift, 0, self.nc)
+        out = self._grid("best", xp)
+        if self.phase == caffe_pb2.TEST:
+            # sum(x^2) / sum(x) over the window (0 where the sum is not positive).
+            sq = self._grid("sq", xp)
+            sq[...] = 0
+            for _, k, shift in plan.offsets:
+                v = plan.window(planes, k, shift, 0, self.nc)
+                sq += v * v
+            pos = total > 0
+            out[...] = xp.where(pos, sq / xp.where(pos, total, 1), 0)
+        else:
+            u = xp.asarray(rng().random((self.nc, plan.ho, plan.wo), dtype=np.float32))
+            thres = self._grid("thres", xp)
+            t3 = thres.reshape(self.nc, plan.ho, plan.wq)
+            t3[...] = 0
+            t3[:, :, : plan.wo] = u * total.reshape(t3.shape)[:, :, : plan.wo]
+            code = self._grid("code", xp, self._code_dtype())
+            code[...] = 0
+            cum = self._grid("cum", xp)
+            cum[...] = 0
+            out[...] = 0
+            for cc, k, shift in plan.offsets:
+                v = plan.window(planes, k, shift, 0, self.nc)
+                cum += v
+                pick = (cum >= thres) & (code == 0)
+                xp.copyto(code, cc + 1, where=pick)
+                xp.copyto(out, v, where=pick)
+        self._to_output(out, y.reshape(self.nc, plan.ho, plan.wo))
+
+    # --- backward --------------------------------------------------------------------------
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        plan = self._plan
+        dy = top[0].diff
+        xp = backend.get_array_module(dy)
+        dx3 = bottom[0].diff.reshape(self.nc, plan.height, plan.width)
+        if self._whole and self.method != _PP.STOCHASTIC:
+            dx2 = dx3.reshape(self.nc, -1)
+            dy1 = dy.reshape(-1)
+            if self.method == _PP.AVE:
+                dx2[...] = (dy1 / np.float32(dx2.shape[1]))[:, None]
+            else:
+                dx2[...] = 0
+                code = self._grid("code", xp, np.int64)[:, 0]
+                rows = xp.nonzero(code > 0)[0]
+                dx2[rows, code[rows] - 1] = dy1[rows]
+            return
+        if self.method == _PP.AVE:
+            g = self._dy_grid(dy, xp, xp.asarray(plan.divisor))
+
+            def body(dplanes, n0, n1):
+                for _, k, shift in plan.offsets:
+                    dst = plan.window(dplanes, k, shift, n0, n1)
+                    xp.add(dst, g[n0:n1], out=dst)
+
+        elif self.method == _PP.STOCHASTIC and self.phase == caffe_pb2.TEST:
+            body = self._stochastic_test_body(dy, xp)
+        else:  # MAX, and STOCHASTIC in TRAIN: the gradient goes to the chosen position
+            g = self._dy_grid(dy, xp)
+            code = self._grid("code", xp, self._code_dtype())
+            sel = self._grid("bmask", xp, bool)
+            part = self._grid("part", xp)
+            ctype = code.dtype.type
+
+            def body(dplanes, n0, n1):
+                m, gp, c, gg = sel[n0:n1], part[n0:n1], code[n0:n1], g[n0:n1]
+                for cc, k, shift in plan.offsets:
+                    xp.equal(c, ctype(cc + 1), out=m)
+                    xp.multiply(gg, m, out=gp)
+                    dst = plan.window(dplanes, k, shift, n0, n1)
+                    xp.add(dst, gp, out=dst)
+
+        self._scatter(dx3, xp, body)
+
+    def _stochastic_test_body(self, dy, xp):
+        # d/dx_q [sum x^2 / sum x] = (2 x_q - y) / sum x (0 where sum x <= 0).
+        plan = self._plan
+        total = self._grid("total", xp)
+        y = self._grid("best", xp)
+        pos = total > 0
+        g = self._dy_grid(dy, xp)
+        g[...] = xp.where(pos, g / xp.where(pos, total, 1), 0)
+        planes = self._buf[("planes", 0.0)]
+
+        def body(dplanes, n0, n1):
+            for _, k, shift in plan.offsets:
+                v = plan.window(planes, k, shift, n0, n1)
+                dst = plan.window(dplanes, k, shift, n0, n1)
+                dst += g[n0:n1] * (2 * v - y[n0:n1])
+
+        return body
