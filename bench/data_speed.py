@@ -60,14 +60,17 @@ def make_jpeg_lmdb(path, n, size, seed):
             for j, img in enumerate(imgs):
                 data = images.encode_image(img, "jpg")
                 total += len(data)
-                db.put(f"{start + j:08d}", encoded_datum(data, (start + j) % 1000).SerializeToString())
+                db.put(
+                    f"{start + j:08d}", encoded_datum(data, (start + j) % 1000).SerializeToString()
+                )
     return total / n
 
 
 def layer_for(source, batch, transform, phase, prefetch):
     text = (
         f'name: "data" type: "Data" top: "data" top: "label" transform_param {{ {transform} }} '
-        f'data_param {{ source: "{source}" batch_size: {batch} backend: LMDB prefetch: {prefetch} }}'
+        f'data_param {{ source: "{source}" batch_size: {batch} backend: LMDB '
+        f"prefetch: {prefetch} }}"
     )
     layer = create_layer(text_format.Parse(text, caffe_pb2.LayerParameter()), phase)
     top = [engine.Blob(), engine.Blob()]
@@ -98,7 +101,8 @@ def run_case(name, source, batch, transform, phase, bytes_per_record, out_bytes,
     layer.close()
     for label, rate in (("1 core", one), ("prefetch", pre)):
         print(
-            f"{name:<34} {label:<9} {rate:>10.0f} rec/s  {rate * bytes_per_record / 1e6:>8.1f} MB/s "
+            f"{name:<34} {label:<9} {rate:>10.0f} rec/s  "
+            f"{rate * bytes_per_record / 1e6:>8.1f} MB/s "
             f"datum  {rate * out_bytes / 1e6:>8.1f} MB/s float32 out"
         )
     return one, pre
@@ -118,17 +122,41 @@ def main(argv=None):
         mean = np.random.RandomState(3).uniform(0, 255, (1, 3, 32, 32)).astype(np.float32)
         mean_file = os.path.join(tmp, "mean.binaryproto")
         io.write_binary(mean_file, io.array_to_blobproto(mean))
-        print(f"generated LMDBs in {time.perf_counter() - t0:.1f} s "
-              f"(JPEG mean size {jpeg / 1024:.1f} KiB); cores visible: {os.cpu_count()}")
+        print(
+            f"generated LMDBs in {time.perf_counter() - t0:.1f} s "
+            f"(JPEG mean size {jpeg / 1024:.1f} KiB); cores visible: {os.cpu_count()}"
+        )
         print(f"{'case':<34} {'mode':<9} {'records/s':>10}       {'MB/s of Datum bytes':>8}")
-        run_case("raw 28x28 grey b64 scale", os.path.join(tmp, "gray28"), 64,
-                 "scale: 0.00390625", caffe_pb2.TRAIN, gray, 28 * 28 * 4, args.seconds)
-        run_case("raw 32x32 colour b100 mean_file", os.path.join(tmp, "color32"), 100,
-                 f'mean_file: "{mean_file}"', caffe_pb2.TRAIN, color, 3 * 32 * 32 * 4,
-                 args.seconds)
-        run_case("jpeg 256 -> crop 227 mirror b32", os.path.join(tmp, "jpeg256"), 32,
-                 "crop_size: 227 mirror: true mean_value: 104 mean_value: 117 mean_value: 123",
-                 caffe_pb2.TRAIN, jpeg, 3 * 227 * 227 * 4, args.seconds)
+        run_case(
+            "raw 28x28 grey b64 scale",
+            os.path.join(tmp, "gray28"),
+            64,
+            "scale: 0.00390625",
+            caffe_pb2.TRAIN,
+            gray,
+            28 * 28 * 4,
+            args.seconds,
+        )
+        run_case(
+            "raw 32x32 colour b100 mean_file",
+            os.path.join(tmp, "color32"),
+            100,
+            f'mean_file: "{mean_file}"',
+            caffe_pb2.TRAIN,
+            color,
+            3 * 32 * 32 * 4,
+            args.seconds,
+        )
+        run_case(
+            "jpeg 256 -> crop 227 mirror b32",
+            os.path.join(tmp, "jpeg256"),
+            32,
+            "crop_size: 227 mirror: true mean_value: 104 mean_value: 117 mean_value: 123",
+            caffe_pb2.TRAIN,
+            jpeg,
+            3 * 227 * 227 * 4,
+            args.seconds,
+        )
     return 0
 
 

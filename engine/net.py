@@ -476,6 +476,12 @@ class Net:
         self.backward_from_to(start_i, end_i)
         return {n: self.blobs[n].diff for n in set(names + list(diffs or []))}
 
+    def set_input_arrays(self, data, labels):
+        """pycaffe's Net.set_input_arrays: feed a MemoryData first layer."""
+        from engine.layers.data_layers import set_input_arrays
+
+        set_input_arrays(self, data, labels)
+
     def forward_backward(self):
         loss = self.forward_from_to()
         self.backward_from_to()

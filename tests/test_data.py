@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 
+import golden
 import h5py
 import numpy as np
 import pytest
@@ -15,9 +16,8 @@ from google.protobuf import text_format
 from PIL import Image
 
 import engine
-import golden
 from engine.data import batches, datum, images, lmdb_io
-from engine.data.prefetch import PrefetchError, Prefetcher
+from engine.data.prefetch import Prefetcher, PrefetchError
 from engine.data.sources import DataSourceError, IterableSource, ListSource
 from engine.data.transformer import DataTransformer, TransformError
 from engine.layer import LayerError
@@ -144,6 +144,20 @@ def test_raw_batch_fast_path_declines_non_uniform():
     assert datum.decode_raw_batch([enc]) is None
     floats = raw_bytes(np.zeros((1, 2, 2), np.float32), 1)
     assert datum.decode_raw_batch([floats]) is None
+
+
+def test_raw_batch_layout_cache_switches_between_layouts():
+    rs = np.random.RandomState(4)
+    for shape in [(1, 4, 4), (3, 2, 2), (1, 4, 4), (2, 1, 8), (3, 2, 2)]:
+        arrs = [rs.randint(0, 256, shape).astype(np.uint8) for _ in range(3)]
+        data, labels = datum.decode_raw_batch([raw_bytes(a, i) for i, a in enumerate(arrs)])
+        assert np.array_equal(data, np.stack(arrs)) and labels.tolist() == [0, 1, 2]
+    # Same length and header as the cached layout, but a float_data field after the label.
+    a = np.zeros((1, 4, 4), np.uint8)
+    odd = caffe_pb2.Datum(channels=1, height=4, width=4, data=a.tobytes(), label=1)
+    odd.float_data.append(1.0)
+    cached = raw_bytes(a, 1)
+    assert datum.decode_raw_batch([cached, odd.SerializeToString()[: len(cached)]]) is None
 
 
 @needs_golden
@@ -290,7 +304,7 @@ def test_missing_empty_and_corrupt_lmdb(tmp_path):
     bad = tmp_path / "corrupt"
     bad.mkdir()
     (bad / "data.mdb").write_bytes(os.urandom(8192))
-    with pytest.raises(DataSourceError, match="corrupt"):
+    with pytest.raises(DataSourceError, match="corrupt: cannot open LMDB"):
         lmdb_io.LMDBSource(bad)
     empty = write_lmdb(tmp_path / "empty", [])
     with pytest.raises(DataSourceError, match="no records"):
@@ -326,7 +340,7 @@ def test_transform_test_phase_centre_crop_mean_file_scale(tmp_path):
     )
     out = t.transform(x)
     y, xo = (6 - 4) // 2, (7 - 4) // 2
-    ref = (x[:, :, y : y + 4, xo : xo + 4].astype(np.float32) - mean[:, y : y + 4, xo : xo + 4])
+    ref = x[:, :, y : y + 4, xo : xo + 4].astype(np.float32) - mean[:, y : y + 4, xo : xo + 4]
     assert np.array_equal(out, ref * np.float32(0.5))
     with pytest.raises(TransformError, match=r"rec 9.*m.binaryproto has shape 3x6x7.*3x5x5"):
         t.check((3, 5, 5), "rec 9")
@@ -340,9 +354,7 @@ def test_transform_mean_values():
     one = DataTransformer(tparam("mean_value: 5 scale: 2"), caffe_pb2.TEST).transform(x)
     assert np.array_equal(one, (x.astype(np.float32) - 5) * 2)
     with pytest.raises(TransformError, match="2 mean_value entries for an input of 3"):
-        DataTransformer(tparam("mean_value: 1 mean_value: 2"), caffe_pb2.TEST).check(
-            (3, 2, 2), "r"
-        )
+        DataTransformer(tparam("mean_value: 1 mean_value: 2"), caffe_pb2.TEST).check((3, 2, 2), "r")
     with pytest.raises(TransformError, match="either mean_file or mean_value"):
         DataTransformer(tparam('mean_file: "x" mean_value: 1'), caffe_pb2.TEST)
     with pytest.raises(TransformError, match="force_color and force_gray"):
@@ -471,9 +483,23 @@ def test_data_layer_round_trip_and_wrap(tmp_path, closing):
             assert np.array_equal(d, arrs[i % 5]) and lab == i % 5
 
 
+def test_data_layer_float_datums_and_small_records(tmp_path, closing):
+    arrs = [np.full((2, 3, 3), i + 0.5, np.float32) for i in range(3)]
+    path = write_lmdb(tmp_path / "db", [(f"{i}", raw_bytes(a, i)) for i, a in enumerate(arrs)])
+    layer, top = make_layer(data_text(path, batch=3, transform="scale: 2 mean_value: 0.5"))
+    closing(layer)
+    data, label = forward(layer, top)
+    assert np.array_equal(data, (np.stack(arrs) - 0.5) * 2) and label.tolist() == [0, 1, 2]
+    with pytest.raises(LayerError, match=r"db key '0': crop_size 4 is larger than the input 3x3"):
+        make_layer(data_text(path, batch=3, transform="crop_size: 4"))
+
+
 def test_data_layer_label_top_optional(tmp_path, closing):
     path = write_lmdb(tmp_path / "db", [(b"a", raw_bytes(np.ones((1, 2, 2), np.uint8), 1))])
-    text = f'name: "d" type: "Data" top: "data" data_param {{ source: "{path}" batch_size: 2 backend: LMDB }}'
+    text = (
+        f'name: "d" type: "Data" top: "data" '
+        f'data_param {{ source: "{path}" batch_size: 2 backend: LMDB }}'
+    )
     layer, top = make_layer(text, tops=1)
     closing(layer)
     (data,) = forward(layer, top)
@@ -482,7 +508,9 @@ def test_data_layer_label_top_optional(tmp_path, closing):
 
 def test_data_layer_train_crop_mirror_repeatable(tmp_path):
     rs = np.random.RandomState(0)
-    recs = [(f"{i:02d}", raw_bytes(rs.randint(0, 256, (3, 8, 8)).astype(np.uint8), i)) for i in range(6)]
+    recs = [
+        (f"{i:02d}", raw_bytes(rs.randint(0, 256, (3, 8, 8)).astype(np.uint8), i)) for i in range(6)
+    ]
     path = write_lmdb(tmp_path / "db", recs)
     text = data_text(path, batch=6, transform="crop_size: 5 mirror: true")
     outs = []
@@ -500,7 +528,9 @@ def test_data_layer_encoded_varying_sizes_with_crop(tmp_path, closing):
     recs = []
     for i, (h, w) in enumerate([(9, 7), (6, 12), (8, 8)]):
         img = rs.randint(0, 256, (h, w, 3)).astype(np.uint8)
-        recs.append((f"{i}", datum.encoded_datum(images.encode_image(img, "png"), i).SerializeToString()))
+        recs.append(
+            (f"{i}", datum.encoded_datum(images.encode_image(img, "png"), i).SerializeToString())
+        )
     path = write_lmdb(tmp_path / "db", recs)
     layer, top = make_layer(data_text(path, batch=3, transform="crop_size: 5 force_gray: true"))
     closing(layer)
@@ -512,7 +542,10 @@ def test_data_layer_errors_name_layer_and_source(tmp_path):
     with pytest.raises(LayerError, match=r"'data'.*nowhere.*not found"):
         make_layer(data_text(tmp_path / "nowhere"))
     path = write_lmdb(tmp_path / "db", [(b"a", raw_bytes(np.ones((1, 2, 2), np.uint8), 1))])
-    text = f'name: "data" type: "Data" top: "data" data_param {{ source: "{path}" batch_size: 1 backend: LEVELDB }}'
+    text = (
+        f'name: "data" type: "Data" top: "data" '
+        f'data_param {{ source: "{path}" batch_size: 1 backend: LEVELDB }}'
+    )
     with pytest.raises(LayerError, match="LEVELDB backend is not supported"):
         make_layer(text, tops=1)
     # Caffe's default backend is LEVELDB: an unset backend on an LMDB reads the LMDB.
@@ -612,7 +645,9 @@ def test_source_factory_hook(closing):
 
 def test_data_layer_in_net_uses_solver_seed(tmp_path):
     rs = np.random.RandomState(0)
-    recs = [(f"{i}", raw_bytes(rs.randint(0, 256, (1, 6, 6)).astype(np.uint8), i)) for i in range(4)]
+    recs = [
+        (f"{i}", raw_bytes(rs.randint(0, 256, (1, 6, 6)).astype(np.uint8), i)) for i in range(4)
+    ]
     path = write_lmdb(tmp_path / "db", recs)
     net_text = "layer { " + data_text(path, batch=4, transform="crop_size: 4 mirror: true") + " }"
     outs = []
@@ -637,7 +672,9 @@ def test_imagedata_shuffle_gray_and_errors(tmp_path, closing):
     rs = np.random.RandomState(0)
     lines = []
     for i in range(5):
-        Image.fromarray(rs.randint(0, 256, (6, 8, 3)).astype(np.uint8)).save(tmp_path / f"im {i}.png")
+        Image.fromarray(rs.randint(0, 256, (6, 8, 3)).astype(np.uint8)).save(
+            tmp_path / f"im {i}.png"
+        )
         lines.append(f"im {i}.png {i}")
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     text = (
@@ -724,7 +761,10 @@ def test_hdf5data_shuffle_covers_rows_and_missing_dataset(tmp_path):
 
 def test_hdf5output_appends_batches(tmp_path):
     out = tmp_path / "out.h5"
-    lp = layer_param(f'name: "o" type: "HDF5Output" bottom: "d" bottom: "l" hdf5_output_param {{ file_name: "{out}" }}')
+    lp = layer_param(
+        f'name: "o" type: "HDF5Output" bottom: "d" bottom: "l" '
+        f'hdf5_output_param {{ file_name: "{out}" }}'
+    )
     layer = engine.layer.create_layer(lp, caffe_pb2.TEST)
     d = engine.Blob((2, 3, 1, 1))
     lab = engine.Blob((2,))

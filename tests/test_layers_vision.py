@@ -228,6 +228,13 @@ CONV_CASES = {
 FILLERS = "weight_filler { type: 'gaussian' std: 0.3 } bias_filler { type: 'gaussian' std: 0.3 }"
 
 
+@pytest.fixture(params=["auto", "exact", "grid"], autouse=False)
+def layout(request, monkeypatch):
+    """Run a convolution test with each column layout."""
+    monkeypatch.setattr(conv_module, "LAYOUT", request.param)
+    return request.param
+
+
 def conv_layer(kind, params):
     return make_layer(
         f"name: 'c' type: '{kind}' convolution_param {{ {params} {FILLERS} }}", seed=3
@@ -235,7 +242,7 @@ def conv_layer(kind, params):
 
 
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
-def test_convolution_forward_and_gradient(case):
+def test_convolution_forward_and_gradient(case, layout):
     params, stride, pad, dil, group = CONV_CASES[case]
     layer = conv_layer("Convolution", params)
     x = randn(2, 4, 5, 6)
@@ -249,7 +256,7 @@ def test_convolution_forward_and_gradient(case):
 
 
 @pytest.mark.parametrize("case", ["basic", "pad_stride", "rect", "dilation", "group", "1x1"])
-def test_deconvolution_forward_and_gradient(case):
+def test_deconvolution_forward_and_gradient(case, layout):
     params, stride, pad, dil, group = CONV_CASES[case]
     layer = conv_layer("Deconvolution", params)
     x = randn(2, 4, 3, 4)
@@ -296,10 +303,11 @@ def test_convolution_shared_weights_over_two_bottoms():
     check_gradient(layer, bottom, top)
 
 
-def test_convolution_chunked_batch_matches_single_chunk(monkeypatch):
+def test_convolution_chunked_batch_matches_single_chunk(monkeypatch, layout):
     x = randn(5, 3, 6, 6)
     results = []
-    for budget in (conv_module.COL_BUDGET, 27 * 36 * 2):  # 2 images per chunk
+    budget = conv_module.COL_BUDGET
+    for _ in range(2):
         monkeypatch.setattr(conv_module, "COL_BUDGET", budget)
         layer = conv_layer("Convolution", "num_output: 4 kernel_size: 3 pad: 1 group: 1")
         bottom, top = setup(layer, x)
@@ -307,6 +315,7 @@ def test_convolution_chunked_batch_matches_single_chunk(monkeypatch):
         top[0].diff[...] = randn(*y.shape, seed=5)
         layer.backward(top, [True], bottom)
         results.append((y, bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
+        budget = 2 * layer.kernel_dim * layer.col_dim  # next round: 2 images per chunk
     assert layer.chunk == 2
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -8,19 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import golden
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
 import engine
-import golden
 from engine import io
 from engine.data import datum, lmdb_io
 from engine.data.sources import DataSourceError
 from engine.layer import registered_types
 from engine.proto import caffe_pb2
-from engine.tools import FlagParser, compute_image_mean, convert_cifar_data, convert_imageset
-from engine.tools import convert_mnist_data, extract_features
+from engine.tools import (
+    FlagParser,
+    compute_image_mean,
+    convert_cifar_data,
+    convert_imageset,
+    convert_mnist_data,
+    extract_features,
+)
 
 GDATA = golden.GOLDEN / "data"
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +36,14 @@ LOG = logging.getLogger("test_tools")
 CONVERT_FLAGS = {
     "lmdb_color32": ["--resize_height=32", "--resize_width=32"],
     "lmdb_gray32": ["--resize_height=32", "--resize_width=32", "--gray"],
-    "lmdb_png32": ["-resize_height", "32", "--resize_width", "32", "--encoded", "--encode_type=png"],
+    "lmdb_png32": [
+        "-resize_height",
+        "32",
+        "--resize_width",
+        "32",
+        "--encoded",
+        "--encode_type=png",
+    ],
     "lmdb_encoded_orig": ["--encoded"],
 }
 
@@ -129,19 +142,25 @@ def test_convert_imageset_shuffle_check_size_and_bad_images(tmp_path, caplog):
 
     rs = np.random.RandomState(0)
     for i in range(4):
-        Image.fromarray(rs.randint(0, 256, (5 + i, 6, 3)).astype(np.uint8)).save(tmp_path / f"{i}.png")
+        Image.fromarray(rs.randint(0, 256, (5 + i, 6, 3)).astype(np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "list.txt").write_text("0.png 0\n1.png 1\nbroken.png 9\n2.png 2\n3.png 3\n")
 
     def run(*flags, db):
         opts, _ = convert_imageset.flags().parse(list(flags))
-        return convert_imageset.convert(f"{tmp_path}/", str(tmp_path / "list.txt"), str(db), opts, LOG)
+        return convert_imageset.convert(
+            f"{tmp_path}/", str(tmp_path / "list.txt"), str(db), opts, LOG
+        )
 
     with pytest.raises(DataSourceError, match=r"list.txt line 3: .*broken.png: cannot decode"):
         run(db=tmp_path / "a")
     with caplog.at_level(logging.WARNING):
         assert run("--skip_bad", db=tmp_path / "b") == (4, 1)
-    assert any("broken.png" in r.getMessage() and "1 skipped" in r.getMessage() for r in caplog.records)
+    assert any(
+        "broken.png" in r.getMessage() and "1 skipped" in r.getMessage() for r in caplog.records
+    )
     keys = [k for k, _ in lmdb_io.read_all(tmp_path / "b")]
     assert keys == [b"00000000_0.png", b"00000001_1.png", b"00000003_2.png", b"00000004_3.png"]
     with pytest.raises(DataSourceError, match="incorrect data field size"):
@@ -164,7 +183,9 @@ def test_compute_image_mean_matches_caffe(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "Processed 20 files." in out.stderr and "mean_value channel [2]" in out.stderr
     expected = np.load(GDATA / "expected_mean.npz")["mean"]
-    ours = io.blobproto_to_array(io.read_binary(tmp_path / "mean.binaryproto", caffe_pb2.BlobProto()))
+    ours = io.blobproto_to_array(
+        io.read_binary(tmp_path / "mean.binaryproto", caffe_pb2.BlobProto())
+    )
     assert np.array_equal(ours, expected)
     assert (tmp_path / "mean.binaryproto").read_bytes() == (GDATA / "mean.binaryproto").read_bytes()
 
@@ -205,7 +226,9 @@ def write_idx(tmp_path, imgs, labels):
     n, rows, cols = imgs.shape
     header = np.array([2051, n, rows, cols], ">u4").tobytes()
     (tmp_path / "images-idx3-ubyte").write_bytes(header + imgs.tobytes())
-    (tmp_path / "labels-idx1-ubyte").write_bytes(np.array([2049, n], ">u4").tobytes() + labels.tobytes())
+    (tmp_path / "labels-idx1-ubyte").write_bytes(
+        np.array([2049, n], ">u4").tobytes() + labels.tobytes()
+    )
 
 
 @needs_golden
@@ -262,7 +285,15 @@ def test_convert_cifar_data(tmp_path):
 
 # --- extract_features --------------------------------------------------------------------------
 
-LENET_TYPES = {"Data", "Convolution", "Pooling", "InnerProduct", "ReLU", "Accuracy", "SoftmaxWithLoss"}
+LENET_TYPES = {
+    "Data",
+    "Convolution",
+    "Pooling",
+    "InnerProduct",
+    "ReLU",
+    "Accuracy",
+    "SoftmaxWithLoss",
+}
 
 
 @needs_golden
@@ -290,8 +321,12 @@ def test_extract_features_matches_caffe(tmp_path):
         assert [k for k, _ in ours] == [k for k, _ in caffe]
         assert [k.decode() for k, _ in ours] == list(expected[f"keys_{blob}"])
         feats = []
-        for _, v in ours:
+        for (_, v), (_, cv) in zip(ours, caffe):
             d = datum.parse_datum(v)
+            c = datum.parse_datum(cv)
+            # Same Datum layout as Caffe's tool (only the float values may differ slightly).
+            rebuilt = datum.features_datum(c.float_data, c.channels, c.height, c.width)
+            assert rebuilt.SerializeToString() == cv
             assert [d.channels, d.height, d.width] == list(expected[f"datum_shape_{blob}"])
             feats.append(np.array(d.float_data, np.float32))
         golden.assert_close(np.stack(feats), expected[blob], 1e-4, 1e-5, blob)

@@ -93,13 +93,7 @@ class RecordBatcher:
         if not self.skip_bad:
             raise BadRecordError(str(err)) from None
         self.skipped += 1
-        log.warning(
-            "%s: skipped bad record %s (%d skipped so far): %s",
-            self.name,
-            self.what(key),
-            self.skipped,
-            err,
-        )
+        log.warning("%s: skipped bad record (%d skipped so far): %s", self.name, self.skipped, err)
 
     def __call__(self, slot=None):
         n = self.batch_size

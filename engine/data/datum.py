@@ -71,8 +71,7 @@ def datum_to_array(datum, what="<datum>", mode=images.UNCHANGED):
     if datum.data:
         if len(datum.data) != n:
             raise DatumError(
-                f"{what}: Datum holds {len(datum.data)} bytes but its shape {c}x{h}x{w} "
-                f"needs {n}"
+                f"{what}: Datum holds {len(datum.data)} bytes but its shape {c}x{h}x{w} needs {n}"
             )
         return np.frombuffer(datum.data, dtype=np.uint8).reshape(c, h, w)
     if len(datum.float_data) != n:

@@ -7,8 +7,13 @@ top names.
 
 import os
 
-import h5py
 import numpy as np
+
+
+def _h5py():
+    import h5py  # imported on first use: every net loads this module, few use HDF5
+
+    return h5py
 
 
 class HDF5DataError(ValueError):
@@ -30,6 +35,7 @@ def read_list_file(path):
 
 def load_file(path, names):
     """{name: float32 array} for the datasets `names` of one .h5 file, equal row counts."""
+    h5py = _h5py()
     try:
         f = h5py.File(path, "r")
     except (OSError, ValueError) as e:
@@ -130,7 +136,7 @@ class HDF5Appender:
     def __init__(self, path):
         self.path = os.fspath(path)
         try:
-            self.file = h5py.File(self.path, "w")
+            self.file = _h5py().File(self.path, "w")
         except OSError as e:
             raise HDF5DataError(f"{self.path}: cannot create HDF5 file: {e}") from None
 

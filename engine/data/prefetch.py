@@ -41,7 +41,10 @@ class Prefetcher:
         self._closed = False
         self._failed = None
         self._thread = threading.Thread(
-            target=_run, args=(produce, self._free, self._full), name=f"prefetch {name}", daemon=True
+            target=_run,
+            args=(produce, self._free, self._full),
+            name=f"prefetch {name}",
+            daemon=True,
         )
         self._thread.start()
 

@@ -76,7 +76,8 @@ class DataTransformer:
                 f"{what}: {nv} mean_value entries for an input of {c} channels "
                 "(give one value or one per channel)"
             )
-        self.output_shape(shape)
+        if self.crop and (h < self.crop or w < self.crop):
+            raise TransformError(f"{what}: crop_size {self.crop} is larger than the input {h}x{w}")
 
     def _mean_vector(self, c):
         if len(self.mean_values) == 1:

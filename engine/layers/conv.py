@@ -6,12 +6,25 @@ Whole-batch im2col plus one GEMM per group (Caffe runs one small GEMM per image)
 import numpy as np
 
 from engine import backend
-from engine.im2col import col2im, conv_out_size, im2col, parallel_batch, scratch
+from engine.im2col import (
+    PhaseGrid,
+    col2im,
+    col2im_grid,
+    conv_out_size,
+    im2col,
+    im2col_grid,
+    parallel_batch,
+    scratch,
+)
 from engine.layer import Layer, register
 
 # Largest column buffer (elements) built at once; bigger batches are cut into chunks of
 # images and, when cut, backward recomputes the columns instead of keeping them.
 COL_BUDGET = 1 << 25
+# Column layout: "auto" picks the phase grid when its spare columns per output row are at
+# most GRID_MAX_SPARE of the row (see _grid_layout); "exact" / "grid" force one.
+LAYOUT = "auto"
+GRID_MAX_SPARE = 0.3
 
 
 def conv_geometry(layer, cp, num_spatial):
@@ -137,15 +150,37 @@ class BaseConvolution(Layer):
         for t in top:
             t.reshape(b0.shape[: self.axis] + (self.num_output,) + out_sp)
         if self.reverse:
-            self.img_spatial, self.map_spatial = out_sp, in_sp
+            img_sp, map_sp = out_sp, in_sp
         else:
-            self.img_spatial, self.map_spatial = in_sp, out_sp
-        self.img_dim = int(np.prod(self.img_spatial))
-        self.map_dim = int(np.prod(self.map_spatial))
+            img_sp, map_sp = in_sp, out_sp
+        key = (self.num, img_sp, map_sp)
+        if key == getattr(self, "_shape_key", None):
+            return
+        self._shape_key = key
+        self.img_spatial, self.map_spatial = img_sp, map_sp
+        self.img_dim = int(np.prod(img_sp))
+        self.map_dim = int(np.prod(map_sp))
         self.kernel_dim = self.img_channels * int(np.prod(self.kernel))
-        per_image = max(self.kernel_dim, self.map_channels) * self.map_dim
+        self.grid = None
+        if not self.is_1x1 and self._grid_layout():
+            self.grid = PhaseGrid(img_sp, self.kernel, self.stride, self.pad, self.dilation, map_sp)
+        # Columns per image: the output pixels, or the phase grid's (with spare columns).
+        self.col_dim = self.grid.grid if self.grid is not None else self.map_dim
+        per_image = max(self.kernel_dim, self.map_channels) * self.col_dim
         self.chunk = max(1, min(self.num, COL_BUDGET // max(per_image, 1)))
+        self._buf = {}
         self._col_ready = {}
+
+    def _grid_layout(self):
+        """Whether to use the phase-grid column layout (2-D only): its copies are contiguous,
+        the exact layout's GEMMs have no spare columns."""
+        if self.num_spatial != 2 or LAYOUT == "exact":
+            return False
+        if LAYOUT == "grid":
+            return True
+        wo = self.map_spatial[1]
+        spare = ((self.kernel[1] - 1) * self.dilation[1]) // self.stride[1]
+        return spare <= GRID_MAX_SPARE * wo
 
     def output_spatial(self, in_sp):
         raise NotImplementedError
@@ -160,12 +195,26 @@ class BaseConvolution(Layer):
     def _geom(self):
         return self.kernel, self.pad, self.stride, self.dilation
 
+    def _matrix(self, name, rows, m, xp):
+        """A (rows, m * col_dim) work matrix kept between calls."""
+        return scratch(self._buf, (name, m), (rows, m * self.col_dim), xp=xp)
+
     def _columns(self, img, slot):
-        """im2col of img (m, C_img, *img_spatial) into the slot's buffer, as (K, m * P)."""
+        """im2col of img (m, C_img, *img_spatial) into the slot's buffer, as (K, m * cols)."""
         xp = backend.get_array_module(img)
         m = img.shape[0]
-        col = scratch(self._buf, ("col", slot), (self.kernel_dim, self.chunk * self.map_dim), xp=xp)
-        col = col[:, : m * self.map_dim]
+        col = self._matrix(("col", slot), self.kernel_dim, m, xp)
+        if self.grid is not None:
+            g = self.grid
+            planes = scratch(
+                self._buf,
+                ("planes", m),
+                (g.num_phases, self.img_channels, m, g.plane),
+                xp=xp,
+                fill=0,
+            )
+            im2col_grid(img, g, self.kernel, col.reshape(self._col5(m)), planes)
+            return col
         work = None
         if any(self.pad):
             pshape = (self.img_channels, m) + tuple(
@@ -175,42 +224,66 @@ class BaseConvolution(Layer):
         im2col(img, *self._geom(), out=col, work=work)
         return col
 
+    def _col5(self, m):
+        return (self.img_channels,) + self.kernel + (m, self.col_dim)
+
     def _uncolumns(self, col, out):
-        """col2im of col (K, m * P) into out (m, C_img, *img_spatial), overwriting it."""
+        """col2im of col (K, m * cols) into out (m, C_img, *img_spatial), overwriting it."""
         xp = backend.get_array_module(col)
         m = out.shape[0]
+        if self.grid is not None:
+            g = self.grid
+            planes = scratch(
+                self._buf, ("dplanes", m), (g.num_phases, self.img_channels, m, g.plane), xp=xp
+            )
+            col2im_grid(col.reshape(self._col5(m)), g, self.kernel, out, planes)
+            return
         pshape = (self.img_channels, m) + tuple(
             s + 2 * p for s, p in zip(self.img_spatial, self.pad)
         )
         work = scratch(self._buf, ("acc", m), pshape, xp=xp)
         col2im(col, out.shape, *self._geom(), out=out, work=work)
 
+    def _rows_view(self, rows, m):
+        """(C_map, m, *map_spatial) view of a rows matrix: the exact columns, or the grid's
+        columns with its spare ones cropped."""
+        if self.grid is not None:
+            return self.grid.crop(rows.reshape(self.map_channels, m, self.col_dim))
+        return rows.reshape((self.map_channels, m) + self.map_spatial)
+
     def _to_rows(self, maps, key):
-        """maps (m, C_map, P) -> rows (C_map, m * P) (a transposed copy in a buffer)."""
+        """maps (m, C_map, P) -> rows (C_map, m * cols), a transposed copy (spare grid
+        columns zeroed) in a buffer."""
         xp = backend.get_array_module(maps)
         m = maps.shape[0]
-        rows = scratch(self._buf, key, (self.map_channels, self.chunk * self.map_dim), xp=xp)
-        rows = rows[:, : m * self.map_dim]
-        r3 = rows.reshape(self.map_channels, m, self.map_dim)
+        rows = self._matrix(key, self.map_channels, m, xp)
+        view = self._rows_view(rows, m)
+        src = maps.reshape((m, self.map_channels) + self.map_spatial)
+        if self.grid is not None:
+            rows.reshape(self.map_channels, m, self.map_spatial[0], self.grid.wq)[
+                ..., self.map_spatial[1] :
+            ] = 0
 
         def run(n0, n1):
-            r3[:, n0:n1] = maps[n0:n1].swapaxes(0, 1)
+            view[:, n0:n1] = src[n0:n1].swapaxes(0, 1)
 
         parallel_batch(m, run, maps.size, xp)
         return rows
 
     def _from_rows(self, rows, out, bias=None):
-        """rows (C_map, m * P) -> out (m, C_map, P), adding bias (C_map,) when given."""
+        """rows (C_map, m * cols) -> out (m, C_map, P), adding bias (C_map,) when given."""
         xp = backend.get_array_module(rows)
         m = out.shape[0]
-        r3 = rows.reshape(self.map_channels, m, self.map_dim)
+        view = self._rows_view(rows, m)
+        dst = out.reshape((m, self.map_channels) + self.map_spatial)
+        b = None if bias is None else bias.reshape((-1,) + (1,) * self.num_spatial)
 
         def run(n0, n1):
-            src = r3[:, n0:n1].swapaxes(0, 1)
-            if bias is None:
-                out[n0:n1] = src
+            src = view[:, n0:n1].swapaxes(0, 1)
+            if b is None:
+                dst[n0:n1] = src
             else:
-                xp.add(src, bias[:, None], out=out[n0:n1])
+                xp.add(src, b, out=dst[n0:n1])
 
         parallel_batch(m, run, out.size, xp)
 
@@ -306,11 +379,7 @@ class Convolution(BaseConvolution):
             chunks = self._chunks()
             for n0, n1 in chunks:
                 col = self._columns(img[n0:n1], slot)
-                xp = backend.get_array_module(col)
-                rows = scratch(
-                    self._buf, "rows", (self.num_output, self.chunk * self.map_dim), xp=xp
-                )
-                rows = rows[:, : (n1 - n0) * self.map_dim]
+                rows = self._matrix("rows", self.num_output, n1 - n0, backend.get_array_module(col))
                 self._map_from_col(col, rows)
                 self._from_rows(rows, out[n0:n1], bias)
             # With one chunk the columns stay valid for backward (the bottom is unchanged).
@@ -337,7 +406,7 @@ class Convolution(BaseConvolution):
             for n0, n1 in chunks:
                 rows = self._to_rows(dmap[n0:n1], "drows")
                 if self._col_ready.get(slot) and len(chunks) == 1:
-                    col = self._buf[("col", slot)][:, : (n1 - n0) * self.map_dim]
+                    col = self._buf[(("col", slot), n1 - n0)]
                 else:
                     col = self._columns(img[n0:n1], slot)
                 if need_w:
@@ -375,10 +444,7 @@ class Deconvolution(BaseConvolution):
                 for n0, n1 in self._chunks():
                     rows = self._to_rows(dmap[n0:n1], "drows")
                     xp = backend.get_array_module(rows)
-                    col = scratch(
-                        self._buf, ("col", 0), (self.kernel_dim, self.chunk * self.map_dim), xp=xp
-                    )
-                    col = col[:, : (n1 - n0) * self.map_dim]
+                    col = self._matrix(("col", 0), self.kernel_dim, n1 - n0, xp)
                     self._col_from_map(rows, col)
                     self._uncolumns(col, out[n0:n1])
             if bias is not None:
@@ -407,11 +473,9 @@ class Deconvolution(BaseConvolution):
                 if need_w:
                     self._weight_grad(self._to_rows(x[n0:n1], "drows"), col)
                 if need_x:
-                    xp = backend.get_array_module(col)
-                    rows = scratch(
-                        self._buf, "rows", (self.channels, self.chunk * self.map_dim), xp=xp
+                    rows = self._matrix(
+                        "rows", self.channels, n1 - n0, backend.get_array_module(col)
                     )
-                    rows = rows[:, : (n1 - n0) * self.map_dim]
                     self._map_from_col(col, rows)
                     self._from_rows(rows, dx[n0:n1])
 

@@ -16,7 +16,7 @@ from engine.data import batches, images
 from engine.data.datum import decode_mode
 from engine.data.hdf5 import HDF5Appender, HDF5DataError, HDF5Rows, read_list_file
 from engine.data.lmdb_io import LMDBSource, is_lmdb
-from engine.data.prefetch import PrefetchError, Prefetcher
+from engine.data.prefetch import Prefetcher, PrefetchError
 from engine.data.sources import DataSourceError, ListSource
 from engine.data.transformer import DataTransformer, TransformError
 from engine.layer import Layer, register
@@ -421,13 +421,17 @@ class HDF5Output(Layer):
 
     def reshape(self, bottom, top):
         if bottom[0].num != bottom[1].num:
-            raise self.error(f"data and label differ in num: {bottom[0].shape} vs {bottom[1].shape}")
+            raise self.error(
+                f"data and label differ in num: {bottom[0].shape} vs {bottom[1].shape}"
+            )
 
     def forward(self, bottom, top):
         from engine.backend import to_numpy
 
         try:
-            self.writer.append({"data": to_numpy(bottom[0].data), "label": to_numpy(bottom[1].data)})
+            self.writer.append(
+                {"data": to_numpy(bottom[0].data), "label": to_numpy(bottom[1].data)}
+            )
         except HDF5DataError as e:
             raise self.error(str(e)) from None
 

@@ -28,10 +28,16 @@ def flags():
     p.string("backend", "lmdb", "The backend {lmdb, leveldb} for storing the result")
     p.integer("resize_width", 0, "Width images are resized to")
     p.integer("resize_height", 0, "Height images are resized to")
-    p.boolean("check_size", False, "When this option is on, check that all the datum have the same size")
+    p.boolean(
+        "check_size", False, "When this option is on, check that all the datum have the same size"
+    )
     p.boolean("encoded", False, "When this option is on, the encoded image will be save in datum")
-    p.string("encode_type", "", "Optional: What type should we encode the image as ('png','jpg',...).")
-    p.boolean("skip_bad", False, "Skip images that cannot be read (counted in the log) instead of failing")
+    p.string(
+        "encode_type", "", "Optional: What type should we encode the image as ('png','jpg',...)."
+    )
+    p.boolean(
+        "skip_bad", False, "Skip images that cannot be read (counted in the log) instead of failing"
+    )
     p.integer("seed", 0, "Seed of the shuffle (0: unseeded)")
     return p
 
@@ -67,8 +73,11 @@ def image_to_datum_bytes(path, label, height, width, is_color, encoding):
     """Caffe's ReadImageToDatum, serialized: raw BGR pixels, re-encoded or original bytes."""
     img = images.read_image_resized(path, height, width, is_color)
     if encoding:
-        if (img.shape[2] == 3) == is_color and not height and not width and _matches_ext(
-            path, encoding
+        if (
+            (img.shape[2] == 3) == is_color
+            and not height
+            and not width
+            and _matches_ext(path, encoding)
         ):
             with open(path, "rb") as f:
                 return datum_mod.encoded_datum(f.read(), label).SerializeToString(), None

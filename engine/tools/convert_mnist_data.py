@@ -44,10 +44,14 @@ def read_idx(image_file, label_file):
         raise DataSourceError(f"{image_file} / {label_file}: too short for IDX headers")
     magic, n, rows, cols = np.frombuffer(img[:16], dtype=">u4")
     if magic != IMAGE_MAGIC:
-        raise DataSourceError(f"{image_file}: incorrect image file magic {magic} (not {IMAGE_MAGIC})")
+        raise DataSourceError(
+            f"{image_file}: incorrect image file magic {magic} (not {IMAGE_MAGIC})"
+        )
     lmagic, nl = np.frombuffer(lab[:8], dtype=">u4")
     if lmagic != LABEL_MAGIC:
-        raise DataSourceError(f"{label_file}: incorrect label file magic {lmagic} (not {LABEL_MAGIC})")
+        raise DataSourceError(
+            f"{label_file}: incorrect label file magic {lmagic} (not {LABEL_MAGIC})"
+        )
     if n != nl:
         raise DataSourceError(f"{image_file}: {n} images but {label_file} has {nl} labels")
     need = 16 + int(n) * int(rows) * int(cols)

@@ -23,7 +23,9 @@ USAGE = (
 )
 
 
-def extract(weights, proto, blob_names, db_names, num_batches, db_type, log, device="CPU", dev_id=0):
+def extract(
+    weights, proto, blob_names, db_names, num_batches, db_type, log, device="CPU", dev_id=0
+):
     """Write the features; returns {blob name: number of items written}."""
     if db_type.lower() != "lmdb":
         raise DataSourceError(f"db type {db_type!r} is not supported (use lmdb)")
@@ -63,7 +65,7 @@ def extract(weights, proto, blob_names, db_names, num_batches, db_type, log, dev
                             counts[name],
                             name,
                         )
-        for name, db in zip(blob_names, writers):
+        for name in blob_names:
             if counts[name] % 1000 != 0:
                 log.info(
                     "Extracted features of %d query images for feature blob %s",
