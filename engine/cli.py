@@ -86,7 +86,11 @@ def build_parser():
         type=int,
         help="test/time: number of iterations (default 50); train: overrides max_iter",
     )
-    _flag(p, "gpu", help="GPU device id to use (one id; 'all' means device 0); omit for CPU")
+    _flag(
+        p,
+        "gpu",
+        help="GPU device id to use (one per process: for several, run caffeonspark); omit for CPU",
+    )
     _flag(p, "phase", choices=("TRAIN", "TEST"), help="network phase for `time` (default TRAIN)")
     _flag(p, "level", type=int, default=0, help="network level (NetState.level)")
     _flag(p, "stage", default="", help="comma-separated network stages (NetState.stage)")

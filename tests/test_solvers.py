@@ -103,7 +103,9 @@ def test_update_rule(name):
         solver = get_solver("solver.prototxt")
         solver.net.copy_from("init.caffemodel")
     for t in range(meta["iterations"]):
-        assert np.float32(solver.lr) == np.float32(meta["lr"][t]), f"lr at iteration {t}"
+        # Bit-exact on the reference machine; 1e-6 (the README's lr tolerance) allows a
+        # last-bit difference in another C library's powf / expf.
+        assert abs(solver.lr - meta["lr"][t]) <= 1e-6 * abs(meta["lr"][t]), f"lr at t={t}"
         for p in meta["params"]:
             key = f"{p['layer']}/{p['index']}"
             solver.net.params[p["layer"]][p["index"]].diff[...] = trace[f"grad/{key}"][t]
@@ -209,7 +211,10 @@ def _check_trace(record, trace, tol, first_iter=0):
         rel = abs(got - exp) / abs(exp)
         errors[i] = rel
         assert rel <= tol["loss_rtol_per_iteration"][i], (
-            f"loss at iteration {first_iter + i}: {got:.6g} vs Caffe {exp:.6g} (rel {rel:.3g})"
+            f"loss at iteration {first_iter + i}: {got:.6g} vs Caffe {exp:.6g} (rel {rel:.3g}). "
+            "The update rules are checked exactly by test_update_rule; a drift that starts "
+            "late usually means a layer sums in another float32 order than Caffe (e.g. a "
+            "bias gradient), which flips a max-pool / ReLU near-tie"
         )
         lr_exp = trace["lr"][i]
         assert abs(record["lr"][i] - lr_exp) <= tol["lr"]["rtol"] * abs(lr_exp), (
@@ -247,7 +252,6 @@ LENET_CASES = [n for n in _case_names(SOLVERS) if n != "snapshot_restore"]
 @needs_golden
 @needs_data_layer
 @_needs(*LENET_LAYERS)
-@pytest.mark.slow
 @pytest.mark.parametrize("name", LENET_CASES)
 def test_lenet_trace(name):
     case = SOLVERS / name
@@ -288,7 +292,6 @@ def _snapshot_case_copy(tmp_path):
 @needs_golden
 @needs_data_layer
 @_needs(*LENET_LAYERS)
-@pytest.mark.slow
 def test_lenet_snapshot_restore(tmp_path):
     golden_case = SOLVERS / "snapshot_restore"
     meta = json.loads((golden_case / "case.json").read_text())

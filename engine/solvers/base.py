@@ -11,6 +11,7 @@ import os
 import time
 
 import numpy as np
+from google.protobuf import text_format
 
 from engine import backend, io
 from engine.proto import caffe_pb2
@@ -84,9 +85,11 @@ def upgrade_solver_param(param, source=None):
     if source is not None:
         if not param.HasField("snapshot_prefix"):
             param.snapshot_prefix = os.path.splitext(source)[0]
+            log.info("snapshot_prefix was not specified and is set to %s", param.snapshot_prefix)
         elif os.path.isdir(param.snapshot_prefix):
             stem = os.path.splitext(os.path.basename(source))[0]
             param.snapshot_prefix = os.path.join(param.snapshot_prefix, stem)
+            log.info("snapshot_prefix is a directory and is set to %s", param.snapshot_prefix)
     return param
 
 
@@ -187,12 +190,13 @@ class Solver:
         self.source = source
         self.param = param
         self._where = source or "<SolverParameter>"
+        log.info("Initializing solver from parameters: \n%s", text_format.MessageToString(param))
         self.check_param()
         self.on_start = []
         self.on_gradients_ready = []
         self.action_function = None
         self.requested_early_exit = False
-        self.smoothed_loss = 0.0
+        self.smoothed_loss = _F32(0)
         self._losses = []
         self._iterations_last = 0
         if param.random_seed >= 0:
@@ -204,7 +208,6 @@ class Solver:
         self._load_solver_weights()
         self.iter = 0
         self.current_step = 0
-        self._output_weights = dict(zip(self.net.blob_names, self.net.blob_loss_weights))
         self.history = []
         self._temp = []
         for _ in range(self.num_history_sets):
@@ -242,6 +245,11 @@ class Solver:
         if p.snapshot_format == _SP.HDF5 and writes:
             raise self.error(
                 "snapshot_format HDF5 is not supported; use snapshot_format: BINARYPROTO"
+            )
+        if not p.snapshot_prefix and writes:
+            log.warning(
+                "snapshot_prefix is not set: snapshots go to _iter_<N>.caffemodel in the "
+                "working directory"
             )
         if p.snapshot > 0:
             if not p.snapshot_prefix:
@@ -624,8 +632,6 @@ class Solver:
         p = self.param
         if p.snapshot_format == _SP.HDF5:
             raise self.error("snapshot_format HDF5 is not supported; use BINARYPROTO")
-        if not p.snapshot_prefix:
-            raise self.error("cannot snapshot: snapshot_prefix is not set")
         model_file = self.snapshot_filename(".caffemodel")
         log.info("Snapshotting to binary proto file %s", model_file)
         self.net.save(model_file, write_diff=p.snapshot_diff)

@@ -14,8 +14,8 @@ class SGDSolver(Solver):
         p = self.net.learnable_params[param_id]
         h = self.history[param_id]
         tmp = self.temp(param_id)
+        # Caffe's axpby: h = local_lr * diff + momentum * h; the update is h.
         h *= self._f32(self.param.momentum)
-        tmp[...] = p.diff
-        tmp *= self.local_rate(param_id, rate)
+        self.xp(p).multiply(p.diff, self.local_rate(param_id, rate), out=tmp)
         h += tmp
         p.diff[...] = h
