@@ -1,5 +1,5 @@
 """Time one forward + backward of every conf/ model-zoo deploy net on the CPU (random input,
-median of a few runs): `python bench/zoo_speed.py [--batch 8] [--runs 3] [NET ...]`.
+median of a few runs): `python bench/zoo_speed.py [--batch 8] [--runs 3] [--threads N] [NET ...]`.
 
 Backward runs through every layer (force_backward, with a random diff on the outputs of nets
 without a loss) and computes every parameter gradient, but, as `caffe time`, no gradient
@@ -16,10 +16,24 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _blas_threads(argv):
+    """`--threads N` must reach the BLAS library before NumPy loads it."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--threads=") else None
+        if arg == "--threads" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value:
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[var] = value
+
+
+_blas_threads(sys.argv[1:])
+
+import numpy as np  # noqa: E402
 
 import engine  # noqa: E402
 from engine import io  # noqa: E402
@@ -103,6 +117,10 @@ def estimate_bytes(name, batch):
 def time_net(name, batch, runs, rng):
     net = engine.Net(deploy_param(name, batch), engine.TEST)
     fill_inputs(net, rng)
+    for layer in net.layers:  # trained-looking BatchNorm statistics (fresh ones give inf / NaN)
+        if layer.param.type == "BatchNorm":
+            for blob, value in zip(layer.blobs, (0.0, 1.0, 1.0)):
+                blob.data[...] = value
     # Like `caffe time`: gradients of every layer and parameter, none for the input blobs.
     inputs = set(net.inputs)
     for i, ids in enumerate(net.bottom_ids):
@@ -131,6 +149,9 @@ def main(argv=None):
     parser.add_argument("nets", nargs="*", help="conf/ folders to time (default: all)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per net (median)")
+    parser.add_argument(
+        "--threads", type=int, help="BLAS threads (default: the library's, usually all cores)"
+    )
     args = parser.parse_args(argv)
     engine.set_mode_cpu()
     engine.set_random_seed(1)
