@@ -13,7 +13,7 @@ import time
 import numpy as np
 from google.protobuf import text_format
 
-from engine import backend, io
+from engine import backend, io, upgrade
 from engine.proto import caffe_pb2
 
 log = logging.getLogger("engine")
@@ -30,17 +30,6 @@ LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 _TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
 
 _REGISTRY = {}
-
-# The deprecated `solver_type` enum and the `type` string each value stands for.
-_LEGACY_TYPES = {
-    _SP.SGD: "SGD",
-    _SP.NESTEROV: "Nesterov",
-    _SP.ADAGRAD: "AdaGrad",
-    _SP.RMSPROP: "RMSProp",
-    _SP.ADADELTA: "AdaDelta",
-    _SP.ADAM: "Adam",
-}
-
 
 class SolverError(ValueError):
     """A solver configuration or state error, naming the solver file."""
@@ -67,21 +56,14 @@ def registered_solvers():
 
 
 def upgrade_solver_param(param, source=None):
-    """Caffe's UpgradeSolverAsNeeded + UpgradeSnapshotPrefixProperty, in place.
+    """Caffe's UpgradeSolverAsNeeded (engine.upgrade) + UpgradeSnapshotPrefixProperty.
 
-    The legacy `solver_type` enum becomes the `type` string. When read from a file, a missing
-    snapshot_prefix becomes the solver file's path without extension, and a prefix naming a
-    directory gets the solver file's stem appended."""
-    where = source or "<SolverParameter>"
-    if param.HasField("solver_type"):
-        mapped = _LEGACY_TYPES[param.solver_type]
-        if param.HasField("type") and param.type != mapped:
-            raise SolverError(
-                f"{where}: solver_type {_SP.SolverType.Name(param.solver_type)} and type "
-                f"{param.type!r} disagree; give only `type`"
-            )
-        param.type = mapped
-        param.ClearField("solver_type")
+    When read from a file, a missing snapshot_prefix becomes the solver file's path without
+    extension, and a prefix naming a directory gets the solver file's stem appended."""
+    try:
+        param = upgrade.upgrade_solver_param(param, source or "<SolverParameter>")
+    except upgrade.UpgradeError as e:
+        raise SolverError(str(e)) from None
     if source is not None:
         if not param.HasField("snapshot_prefix"):
             param.snapshot_prefix = os.path.splitext(source)[0]
@@ -113,7 +95,7 @@ def solver_class(type_name, where="<SolverParameter>"):
 def get_solver(solver):
     """pycaffe's caffe.get_solver: the solver of the file's (or message's) `type`."""
     if isinstance(solver, caffe_pb2.SolverParameter):
-        param = upgrade_solver_param(copy.deepcopy(solver))
+        param = upgrade_solver_param(solver)
         return solver_class(param.type)(param)
     path = os.fspath(solver)
     param = read_solver_param(path)
@@ -182,8 +164,7 @@ class Solver:
         if type(self) is Solver:
             raise TypeError("Solver is abstract: use engine.get_solver(path) or SGDSolver(path)")
         if isinstance(solver, caffe_pb2.SolverParameter):
-            param = copy.deepcopy(solver)
-            upgrade_solver_param(param)
+            param = copy.deepcopy(upgrade_solver_param(solver))
         else:
             source = os.fspath(solver)
             param = read_solver_param(source)
