@@ -1,0 +1,444 @@
+"""CaffeOnSpark's Python API: train, train with validation, test and feature extraction of a
+Caffe net on a Spark cluster, with the data coming from a DataSource.
+
+Training runs one barrier stage of MPI-connected engine workers (caffeonspark.launch); test
+and features run the engine inside plain Spark tasks, batch by batch, with no MPI.
+"""
+
+import base64
+import collections
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+
+import numpy as np
+
+from caffeonspark import launch, storage
+from caffeonspark.config import TEST, TRAIN, ConfigError
+from caffeonspark.sources import (
+    DataSource,
+    SourceError,
+    SourceFactory,
+    open_spec,
+    rewrite_net,
+)
+from engine.data.sources import RecordSource
+
+log = logging.getLogger("caffeonspark")
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    """What a training run did: where the model is, how fast it went, what it reported."""
+
+    model: str
+    ranks: int
+    iterations: int
+    final_iter: int
+    loss: float
+    images_per_s: float
+    step_s: float
+    step_median_s: float
+    batch_per_rank: int
+    allreduce_s: float
+    wait_s: float
+    startup_s: float
+    snapshots: list
+    validation: list
+    losses: list
+
+    @property
+    def images_per_s_median(self):
+        """Throughput from the median iteration time (robust to bursts of other load)."""
+        return self.ranks * self.batch_per_rank / self.step_median_s
+
+    @property
+    def allreduce_fraction(self):
+        return self.allreduce_s / self.step_s if self.step_s else float("nan")
+
+
+class CaffeOnSpark:
+    """Train / test / extract features with a Caffe net on the cluster of `spark`."""
+
+    def __init__(self, spark):
+        self.spark = spark
+        _ensure_log_handler()
+
+    # --- training ------------------------------------------------------------------------------
+    def train(self, source):
+        """Train the solver of `source.conf` on `source` (one shard per rank); writes -model
+        and snapshots beside it. Returns a TrainSummary."""
+        return self._train(source, None)
+
+    def trainWithValidation(self, train_source, validation_source):
+        """Train as `train`, testing on `validation_source` every test_interval (each rank
+        its shard, averaged); returns a DataFrame: iteration plus one column per test output."""
+        sp = train_source.conf.solver_param
+        if not len(sp.test_iter) or sp.test_interval <= 0:
+            raise ConfigError(
+                f"{train_source.conf.conf}: trainWithValidation needs test_iter and "
+                "test_interval > 0 in the solver"
+            )
+        summary = self._train(train_source, validation_source)
+        return validation_frame(self.spark, summary.validation)
+
+    train_with_validation = trainWithValidation
+
+    def _train(self, source, validation):
+        conf = source.conf
+        conf.check_train()
+        sc = self.spark.sparkContext
+        started = time.monotonic()
+        size = launch.cluster_size(sc, conf)
+        ranks = size * conf.devices
+        rdd, localizer = source.shards(self.spark, ranks)
+        localizers = {0: localizer}
+        if validation is not None:
+            vrdd, vlocalizer = validation.shards(self.spark, ranks)
+            rdd = launch.tag_partitions([rdd, vrdd], ranks)
+            localizers[1] = vlocalizer
+        threads = int(sc.getConf().get("spark.task.cpus", "1"))
+        job = dict(self._job(conf, validation, ranks), threads=threads)
+        log.info(
+            "training %s on %d rank(s) (%d executor(s) x %d device(s)), %s, model %s",
+            conf.conf,
+            ranks,
+            size,
+            conf.devices,
+            source.name,
+            conf.model_uri,
+        )
+        timeouts = (conf.rendezvousTimeout, conf.idleTimeout)
+        with launch.Monitor(sc, ranks, *timeouts) as monitor:
+            task = launch.make_barrier_task(
+                job, localizers, timeouts, monitor.address, conf.connection, threads
+            )
+            results = [json.loads(r) for r in launch.run_stage(self.spark, rdd, task, monitor)]
+            first = monitor.first_iteration_at
+        lead = min(results, key=lambda r: r["rank"])
+        summary = TrainSummary(
+            model=lead["model"],
+            ranks=ranks,
+            iterations=lead["iterations"],
+            final_iter=lead["final_iter"],
+            loss=lead["loss"],
+            images_per_s=lead["images_per_s"],
+            step_s=lead["step_s"],
+            step_median_s=lead["step_median_s"],
+            batch_per_rank=lead["batch_per_rank"],
+            allreduce_s=float(np.mean([r["allreduce_s"] for r in results])),
+            wait_s=float(np.mean([r["wait_s"] for r in results])),
+            startup_s=(first - started) if first is not None else float("nan"),
+            snapshots=lead["snapshots"],
+            validation=lead["validation"],
+            losses=lead["losses"],
+        )
+        log.info(
+            "trained %d iterations on %d rank(s): loss %.4g, %.0f images/s, all-reduce %.2f ms "
+            "per iteration (%.1f%% of a step) + %.2f ms waiting for the slowest rank, %.1f s to "
+            "the first iteration; model %s",
+            summary.iterations,
+            ranks,
+            summary.loss,
+            summary.images_per_s,
+            1e3 * summary.allreduce_s,
+            100 * summary.allreduce_fraction,
+            1e3 * summary.wait_s,
+            summary.startup_s,
+            summary.model,
+        )
+        return summary
+
+    @staticmethod
+    def _job(conf, validation, ranks):
+        sp = conf.solver_param
+        model = conf.model_uri
+        train_layer = conf.data_layer(TRAIN)
+        stem = os.path.basename(sp.snapshot_prefix.rstrip("/")) if sp.snapshot_prefix else ""
+        return {
+            "run_id": uuid.uuid4().hex,
+            "size": ranks,
+            "solver": base64.b64encode(sp.SerializeToString()).decode("ascii"),
+            # The sources give the records; the layers they feed are the net's own (a source
+            # made for the other phase still feeds the TRAIN / TEST layer).
+            "train_layer": train_layer.name,
+            "train_top": train_layer.top[0],
+            "validation_layer": conf.data_layer(TEST).name if validation is not None else None,
+            "model": model,
+            "snapshot_dir": storage.dirname(model),
+            "snapshot_stem": stem or "snapshot",
+            "snapshot": storage.absolute(conf.snapshot) if conf.snapshot else None,
+            "weights": ",".join(storage.absolute(w) for w in conf.weights.split(","))
+            if conf.weights
+            else None,
+            "rendezvous_timeout": conf.rendezvousTimeout,
+            "pin_cpus": conf.pinCpus,
+        }
+
+    # --- test and features ---------------------------------------------------------------------
+    def test(self, source):
+        """Run -model over every record of `source`; returns {output blob: mean over the
+        dataset} (a float for scalar outputs, a list for vector ones)."""
+        conf = source.conf
+        conf.check_inference(after_training=True)
+        results = self._inference(source, "test", ()).collect()
+        sums, counts = {}, collections.Counter()
+        order = []
+        for name, values, count in results:
+            if name not in sums:
+                sums[name] = np.zeros(len(values), dtype=np.float64)
+                order.append(name)
+            sums[name] += np.asarray(values, dtype=np.float64)
+            counts[name] += count
+        out = {}
+        for name in order:
+            mean = sums[name] / max(counts[name], 1)
+            out[name] = float(mean[0]) if mean.size == 1 else mean.tolist()
+        for name, value in out.items():
+            log.info("%s = %s", name, value)
+        return out
+
+    def features(self, source):
+        """A DataFrame with one row per record of `source`: SampleID, one array<float> column
+        per blob of -features, and the -label blob's value."""
+        from pyspark.sql import types as T
+
+        conf = source.conf
+        conf.check_inference(after_training=True)
+        if not conf.features:
+            raise ConfigError("features() needs -features: the blobs to extract")
+        blobs = list(conf.features)
+        label = conf.label if conf.label and conf.label not in blobs else None
+        _check_blobs(conf, blobs + ([label] if label else []))
+        fields = [T.StructField("SampleID", T.StringType(), False)]
+        fields += [T.StructField(b, T.ArrayType(T.FloatType(), False), False) for b in blobs]
+        if label:
+            fields.append(T.StructField(label, T.FloatType(), True))
+        rows = self._inference(source, "features", (blobs, label))
+        df = self.spark.createDataFrame(rows, T.StructType(fields))
+        if conf.persistent:
+            df = df.persist()
+        return df
+
+    def _inference(self, source, mode, what):
+        conf = source.conf
+        sc = self.spark.sparkContext
+        rdd, localizer = source.partitions(self.spark)
+        layer = conf.data_layer(TEST).name  # the TEST net's data layer reads the source
+        net = rewrite_net(conf.net_param(TEST), layer, TEST)
+        model = sc.broadcast(storage.read_bytes(conf.model_uri, "model"))
+        task = _inference_task(
+            net.SerializeToString(),
+            layer,
+            model,
+            mode,
+            what,
+            localizer,
+            rdd.getNumPartitions(),
+        )
+        return rdd.mapPartitionsWithIndex(task)
+
+    # --- writing -----------------------------------------------------------------------------
+    @staticmethod
+    def write_features(df, conf):
+        """Write a features DataFrame to -output in -outputFormat (json or parquet)."""
+        if not conf.output:
+            raise ConfigError("-output is not set")
+        uri = storage.absolute(conf.output)
+        writer = df.write.mode("overwrite")
+        if conf.outputFormat == "parquet":
+            writer.parquet(uri)
+        else:
+            writer.json(uri)
+        log.info("wrote features (%s) to %s", conf.outputFormat, uri)
+        return uri
+
+
+def validation_frame(spark, rows):
+    """The validation rows of a training run as a DataFrame (iteration + output columns)."""
+    from pyspark.sql import types as T
+
+    names = list(rows[0]["outputs"]) if rows else []
+    fields = [T.StructField("iteration", T.IntegerType(), False)]
+    for name in names:
+        vector = isinstance(rows[0]["outputs"][name], list)
+        kind = T.ArrayType(T.DoubleType(), False) if vector else T.DoubleType()
+        fields.append(T.StructField(name, kind, False))
+    data = [(r["iteration"], *[r["outputs"][n] for n in names]) for r in rows]
+    return spark.createDataFrame(data, T.StructType(fields))
+
+
+def _check_blobs(conf, names):
+    """Fail on the driver when a requested blob is not produced by the TEST net."""
+    net = conf.net_param(TEST)
+    tops = {t for lp in net.layer for t in lp.top}
+    missing = [n for n in names if n not in tops]
+    if missing:
+        raise ConfigError(
+            f"{conf.conf}: the TEST net {net.name!r} has no blob(s) {', '.join(missing)} "
+            f"(blobs: {', '.join(sorted(tops))})"
+        )
+
+
+def _ensure_log_handler():
+    """Progress goes to the 'caffeonspark' logger; show it when nothing is configured."""
+    logger = logging.getLogger("caffeonspark")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s caffeonspark] %(message)s"))
+        logger.addHandler(handler)
+
+
+# --- the inference task (runs in an executor) ----------------------------------------------------
+
+
+class KeyedSource(RecordSource):
+    """Wraps a RecordSource and remembers the keys of the records read, in order, so each
+    batch's rows can be named."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = inner.name
+        self.keys = collections.deque()
+
+    def _one_pass(self):
+        for key, value in self.inner._one_pass():
+            self.keys.append(key)
+            yield key, value
+
+    def __len__(self):
+        return len(self.inner)
+
+    def close(self):
+        self.inner.close()
+
+
+def _key_text(key):
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        key = bytes(key)
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            return key.hex()
+    return str(key)
+
+
+def _inference_task(net_bytes, layer, model, mode, what, localizer, num):
+    """mapPartitionsWithIndex function: the engine over one partition's records."""
+
+    def task(index, items):
+        workdir = tempfile.mkdtemp(prefix=f"caffeonspark-{mode}{index}-")
+        try:
+            spec = localizer(items, workdir, index, num)
+            source = open_spec(spec)
+            try:
+                if len(source) == 0:
+                    return
+                yield from run_inference(net_bytes, layer, model.value, source, mode, what)
+            finally:
+                source.close()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    return task
+
+
+def run_inference(net_bytes, layer, model_bytes, source, mode, what):
+    """Forward every record of `source` once through the TEST net: full batches, then one
+    net of the remainder's size for the last partial batch. Yields feature rows (mode
+    'features') or (output, sums, rows) per output blob (mode 'test')."""
+    from engine.layers.data_layers import set_source_factory
+    from engine.net import Net
+    from engine.proto import caffe_pb2
+
+    net_param = caffe_pb2.NetParameter.FromString(net_bytes)
+    weights = caffe_pb2.NetParameter.FromString(model_bytes)
+    batch = next(lp.data_param.batch_size for lp in net_param.layer if lp.name == layer)
+    keyed = KeyedSource(source)
+    factory = SourceFactory()
+    factory.add(layer, TEST, keyed)
+    previous = factory.install()
+    sums, counts, order = {}, collections.Counter(), []
+    try:
+        total = len(source)
+        full, rem = divmod(total, batch)
+        plan = [(batch, full), (rem, 1 if rem else 0)]
+        shared = None
+        for size, times in plan:
+            if not times:
+                continue
+            param = rewrite_net(net_param, layer, TEST, batch_size=size, prefetch=0)
+            net = Net(param, phase=TEST, name_hint=f"TEST net (batch {size})")
+            if shared is None:
+                net.copy_from(weights)
+                shared = net
+            else:
+                net.share_trained_layers_with(shared)
+            for _ in range(times):
+                net.forward_from_to()
+                keys = [keyed.keys.popleft() for _ in range(size)]
+                if mode == "features":
+                    yield from _feature_rows(net, keys, *what)
+                else:
+                    _accumulate(net, size, sums, counts, order)
+    finally:
+        set_source_factory(previous)
+    if mode == "test":
+        for name in order:
+            yield name, sums[name].tolist(), counts[name]
+
+
+def _feature_rows(net, keys, blobs, label):
+    from engine.backend import to_numpy
+
+    n = len(keys)
+    arrays = []
+    for name in blobs:
+        arr = to_numpy(net.blobs[name].data)
+        if arr.ndim == 0 or arr.shape[0] != n:
+            raise SourceError(
+                f"blob {name!r} has shape {arr.shape}: not one row per record (batch of {n}); "
+                "-features takes per-record blobs"
+            )
+        arrays.append(arr.reshape(n, -1))
+    labels = None
+    if label:
+        lab = to_numpy(net.blobs[label].data)
+        if lab.size != n:
+            raise SourceError(
+                f"-label blob {label!r} has shape {lab.shape}: not one value per record"
+            )
+        labels = lab.reshape(n).tolist()
+    for i, key in enumerate(keys):
+        row = [_key_text(key)] + [a[i].tolist() for a in arrays]
+        if labels is not None:
+            row.append(float(labels[i]))
+        yield tuple(row)
+
+
+def _accumulate(net, n, sums, counts, order):
+    """Add a batch's outputs: per-record outputs summed over records, batch-level outputs
+    (loss, accuracy: means over the batch) weighted by the batch's record count."""
+    from engine.backend import to_numpy
+
+    for name in net.outputs:
+        arr = np.asarray(to_numpy(net.blobs[name].data), dtype=np.float64)
+        if arr.ndim >= 1 and arr.shape[0] == n and n > 1:
+            total = arr.reshape(n, -1).sum(axis=0)
+        else:
+            total = arr.reshape(-1) * n
+        if name not in sums:
+            sums[name] = np.zeros_like(total)
+            order.append(name)
+        sums[name] += total
+        counts[name] += n
+
+
+__all__ = ["CaffeOnSpark", "DataSource", "TrainSummary", "validation_frame"]

@@ -1,0 +1,587 @@
+"""Launching distributed training: one Spark barrier stage of one task per rank; each task
+spills its data shard, starts its engine worker under `mpiexec -n 1`, and the ranks meet
+through `BarrierTaskContext.allGather` (rank 0's MPI ports) to form one communicator.
+
+The driver checks the cluster has the slots first (a clear error, not a hang), runs a small
+TCP server that prints the workers' progress while they train, and cancels the stage when a
+rank does not join in time or the job stops reporting. Tasks kill their workers on any exit.
+"""
+
+import json
+import logging
+import os
+import queue
+import re
+import select
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+log = logging.getLogger("caffeonspark")
+
+WORKER_MODULE = "caffeonspark.worker"
+_LOG_TAIL_LINES = 40
+
+
+class LaunchError(RuntimeError):
+    """Distributed training could not start or a rank failed (names rank, host and cause)."""
+
+
+# --- a JSON-lines channel over a socket (task <-> worker, anyone -> driver) --------------------
+
+
+class Channel:
+    """JSON messages, one per line, over a connected socket. A reader thread queues incoming
+    messages; `recv(timeout)` returns the next one, None once the peer has closed."""
+
+    def __init__(self, sock, on_close=None):
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self._queue = queue.Queue()
+        self._on_close = on_close
+        self._reader = threading.Thread(target=self._read, name="channel reader", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def connect(cls, address, timeout=30.0, on_close=None):
+        sock = socket.create_connection(tuple(address), timeout=timeout)
+        sock.settimeout(None)
+        return cls(sock, on_close)
+
+    def _read(self):
+        try:
+            with self.sock.makefile("r", encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        self._queue.put(json.loads(line))
+        except (OSError, ValueError):
+            pass
+        self._queue.put(None)
+        if self._on_close is not None:
+            self._on_close()
+
+    def send(self, message):
+        data = (json.dumps(message) + "\n").encode("utf-8")
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def recv(self, timeout=None):
+        """The next message; raises TimeoutError after `timeout` seconds; None on close."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no message within {timeout:.0f} s") from None
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# --- the driver side ------------------------------------------------------------------------
+
+
+def _master(sc):
+    return sc.getConf().get("spark.master", "")
+
+
+def _expected_executors(sc):
+    conf = sc.getConf()
+    m = re.match(r"local-cluster\[\s*(\d+)\s*,", _master(sc))
+    if m:
+        return int(m.group(1))
+    if _master(sc).startswith("local"):
+        return 1
+    n = conf.get("spark.executor.instances", None)
+    return int(n) if n else None
+
+
+def executor_count(sc):
+    """Executors registered with the driver (the driver itself in local mode)."""
+    if _master(sc).startswith("local") and not _master(sc).startswith("local-cluster"):
+        return 1
+    try:
+        return max(0, sc._jsc.sc().getExecutorMemoryStatus().size() - 1)
+    except Exception:  # noqa: BLE001 - py4j internals; fall back to the status tracker
+        return max(0, len(sc.statusTracker().getExecutorInfos()) - 1)
+
+
+def task_slots(sc):
+    """Tasks the cluster can run at once (what a barrier stage needs)."""
+    try:
+        jsc = sc._jsc.sc()
+        profile = jsc.resourceProfileManager().defaultResourceProfile()
+        return int(jsc.maxNumConcurrentTasks(profile))
+    except Exception:  # noqa: BLE001 - private JVM API; estimate from the configuration
+        conf = sc.getConf()
+        cores = int(conf.get("spark.executor.cores", "1"))
+        cpus = int(conf.get("spark.task.cpus", "1"))
+        return executor_count(sc) * max(1, cores // cpus)
+
+
+def wait_for_executors(sc, timeout):
+    """Wait (up to `timeout` s) until the executors the cluster is configured with have
+    registered; returns how many there are."""
+    expected = _expected_executors(sc)
+    deadline = time.monotonic() + timeout
+    while True:
+        have = executor_count(sc)
+        if (expected is None and have > 0) or (expected is not None and have >= expected):
+            return have
+        if time.monotonic() >= deadline:
+            return have
+        # Executor registration has no Python-side event to wait on: poll the JVM.
+        time.sleep(0.25)
+
+
+def cluster_size(sc, conf):
+    """The number of executors to train on: -clusterSize, or every executor the cluster
+    has; fails fast when the cluster cannot run that many tasks at once."""
+    have = wait_for_executors(sc, conf.executorWaitTimeout)
+    size = conf.clusterSize or have
+    if size < 1:
+        raise LaunchError(
+            f"the cluster has no executors (master {_master(sc)}) after waiting "
+            f"{conf.executorWaitTimeout:.0f} s"
+        )
+    tasks = size * conf.devices
+    slots = task_slots(sc)
+    if slots < tasks:
+        cpus = sc.getConf().get("spark.task.cpus", "1")
+        raise LaunchError(
+            f"-clusterSize {size} x -devices {conf.devices} needs {tasks} concurrent tasks, but "
+            f"the cluster has {have} executor(s) with {slots} task slot(s) in all "
+            f"(spark.task.cpus={cpus}, master {_master(sc)}); lower -clusterSize or add "
+            "executors"
+        )
+    return size
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        for raw in self.rfile:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            self.server.monitor.receive(message)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class Monitor:
+    """The driver's view of a running stage: a TCP server the tasks and workers report to,
+    progress printed as it arrives, and a watchdog that cancels the stage (through its job
+    group) when ranks do not join in time or nothing is reported for too long."""
+
+    def __init__(self, sc, ranks, rendezvous_timeout, idle_timeout, label="train"):
+        self.sc = sc
+        self.ranks = ranks
+        self.rendezvous_timeout = rendezvous_timeout
+        self.idle_timeout = idle_timeout
+        self.label = label
+        self.group = f"caffeonspark-{label}-{uuid.uuid4().hex[:8]}"
+        self.started = time.monotonic()
+        self.first_iteration_at = None
+        self.joined = set()
+        self.waiting = set()
+        self.at_barrier = None
+        self.messages = []
+        self.failure = None
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._server = _Server(("0.0.0.0", 0), _Handler)
+        self._server.monitor = self
+        host = sc.getConf().get("spark.driver.host", None) or socket.gethostname()
+        self.address = (host, self._server.server_address[1])
+
+    def __enter__(self):
+        threading.Thread(
+            target=self._server.serve_forever, name="caffeonspark monitor", daemon=True
+        ).start()
+        threading.Thread(target=self._watch, name="caffeonspark watchdog", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def receive(self, m):
+        with self._lock:
+            self._last = time.monotonic()
+            self.messages.append(m)
+            kind = m.get("kind")
+            if kind == "barrier":
+                self.waiting.add(m.get("rank"))
+                if len(self.waiting) == self.ranks and self.at_barrier is None:
+                    self.at_barrier = time.monotonic()  # every rank has spilled its data
+            elif kind == "joined":
+                self.joined.add(m.get("rank"))
+            elif kind == "progress" and self.first_iteration_at is None:
+                self.first_iteration_at = time.monotonic()
+        if kind == "progress":
+            log.info("%s", format_progress(m))
+        elif kind == "validation":
+            values = ", ".join(f"{k} = {_fmt(v)}" for k, v in m["outputs"].items())
+            log.info("Iteration %d, validation: %s", m["iteration"], values)
+        elif kind == "snapshot":
+            log.info("Snapshot written: %s", m["path"])
+        elif kind == "joined" and len(self.joined) == self.ranks:
+            log.info("All %d ranks joined the MPI communicator", self.ranks)
+        elif kind == "warning":
+            log.warning("rank %s: %s", m.get("rank"), m.get("message"))
+
+    def _watch(self):
+        while not self._stop.wait(1.0):
+            now = time.monotonic()
+            with self._lock:
+                reason = None
+                if (
+                    self.at_barrier is not None
+                    and len(self.joined) < self.ranks
+                    and now - self.at_barrier > self.rendezvous_timeout
+                ):
+                    missing = sorted(set(range(self.ranks)) - self.joined)
+                    reason = (
+                        f"rank(s) {missing} did not join the MPI communicator within "
+                        f"{self.rendezvous_timeout:g} s of every rank reaching the barrier"
+                    )
+                elif len(self.joined) == self.ranks and now - self._last > self.idle_timeout:
+                    reason = (
+                        f"no progress from the {self.label} stage for {self.idle_timeout:g} s "
+                        "(-idleTimeout)"
+                    )
+            if reason:
+                self.failure = reason
+                log.error("cancelling the %s stage: %s", self.label, reason)
+                self.sc.cancelJobGroup(self.group)
+                return
+
+
+def _fmt(v):
+    if isinstance(v, list):
+        return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
+    return f"{v:.6g}"
+
+
+def format_progress(m):
+    """A Caffe-style progress line for the driver's log."""
+    parts = [
+        f"Iteration {m['iter']}/{m['max_iter']}",
+        f"loss = {m['loss']:.6g}",
+        f"lr = {m['lr']:.6g}",
+    ]
+    if m.get("images_per_s"):
+        parts.append(f"{m['images_per_s']:.0f} images/s")
+    if m.get("step_ms"):
+        share = 100.0 * m["allreduce_ms"] / m["step_ms"]
+        parts.append(
+            f"{m['step_ms']:.1f} ms/iter: all-reduce {m['allreduce_ms']:.2f} ms ({share:.0f}%), "
+            f"waiting for the slowest rank {m.get('wait_ms', 0.0):.2f} ms"
+        )
+    return ", ".join(parts)
+
+
+def run_stage(spark, rdd, task, monitor):
+    """Run the barrier stage `rdd.barrier().mapPartitions(task)` under the monitor's job group;
+    returns the collected results or raises LaunchError with the cause."""
+    sc = spark.sparkContext
+    sc.setJobGroup(monitor.group, f"CaffeOnSpark {monitor.label}", interruptOnCancel=True)
+    try:
+        return rdd.barrier().mapPartitions(task).collect()
+    except Exception as e:  # noqa: BLE001 - Py4JJavaError / PythonException from Spark
+        if monitor.failure:
+            raise LaunchError(monitor.failure) from None
+        raise LaunchError(_spark_failure(e)) from None
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+        sc.setLocalProperty("spark.job.description", None)
+
+
+def _spark_failure(exc):
+    """The useful part of a Spark job failure: the task's own error message if present."""
+    text = str(exc)
+    m = re.search(r"caffeonspark\.launch\.LaunchError: (.*?)(?:\n\tat |\Z)", text, re.S)
+    if m:
+        return m.group(1).strip()
+    m = re.search(r"(\w+(?:Error|Exception): .*?)(?:\n\tat |\Z)", text, re.S)
+    return (m.group(1) if m else text).strip()[:4000]
+
+
+# --- the task side (runs in an executor) ----------------------------------------------------
+
+
+def _local_dir():
+    for var in ("SPARK_LOCAL_DIRS", "LOCAL_DIRS"):
+        first = os.environ.get(var, "").split(",")[0]
+        if first and os.path.isdir(first):
+            return first
+    return tempfile.gettempdir()
+
+
+def mpiexec_path():
+    """pip's mpich installs mpiexec beside the interpreter; else the one on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("mpiexec")
+    if not found:
+        raise LaunchError(
+            f"mpiexec not found beside {sys.executable} nor on PATH: pip install mpich"
+        )
+    return found
+
+
+def worker_env(threads, connection):
+    """The worker's environment: import path of this task, BLAS threads, MPI transport."""
+    from caffeonspark.comm.mpi import transport_env
+
+    env = dict(os.environ)
+    paths = [p for p in sys.path if p]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    transport, warning = transport_env(connection)
+    env.update(transport)
+    return env, warning
+
+
+def _tail(path, lines=_LOG_TAIL_LINES):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class WorkerProcess:
+    """One engine worker under `mpiexec -n 1`, its log file and its control channel."""
+
+    def __init__(self, job, rank, workdir, env):
+        self.rank = rank
+        self.workdir = workdir
+        self.log_path = os.path.join(workdir, f"worker-{rank}.log")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        job = dict(
+            job,
+            rank=rank,
+            control=["127.0.0.1", self.listener.getsockname()[1]],
+            task_pid=os.getpid(),
+            workdir=workdir,
+        )
+        spec_path = os.path.join(workdir, f"job-{rank}.json")
+        with open(spec_path, "w", encoding="utf-8") as f:
+            json.dump(job, f)
+        cmd = [mpiexec_path(), "-n", "1", sys.executable, "-m", WORKER_MODULE, spec_path]
+        self.log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+            start_new_session=True,
+        )
+        self.channel = None
+
+    def accept(self, timeout):
+        """Wait for the worker to connect its control channel (or die)."""
+        deadline = time.monotonic() + timeout
+        while self.channel is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self.error(f"worker did not start within {timeout:.0f} s")
+            ready, _, _ = select.select([self.listener], [], [], min(left, 0.5))
+            if ready:
+                sock, _ = self.listener.accept()
+                self.channel = Channel(sock)
+            elif self.proc.poll() is not None:
+                raise self.error(f"worker exited with status {self.proc.returncode} at start")
+        return self.channel
+
+    def recv(self, timeout, waiting_for):
+        """The next message from the worker; LaunchError if it dies, errs or stays silent."""
+        try:
+            m = self.channel.recv(timeout)
+        except TimeoutError:
+            raise self.error(
+                f"no message from the worker for {timeout:.0f} s while {waiting_for}"
+            ) from None
+        if m is None:
+            self.proc.wait(timeout=10)
+            raise self.error(f"worker exited (status {self.proc.returncode}) while {waiting_for}")
+        if m.get("kind") == "error":
+            raise self.error(m["message"], tail=False)
+        return m
+
+    def error(self, message, tail=True):
+        text = f"rank {self.rank} on {socket.gethostname()}: {message}"
+        lines = _tail(self.log_path) if tail else ""
+        if lines.strip():
+            text += f"\n--- last lines of the worker log ({self.log_path}) ---\n{lines}"
+        return LaunchError(text)
+
+    def stop(self, grace=10.0):
+        if self.channel is not None:
+            self.channel.close()
+        self.listener.close()
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                continue
+        self.log_file.close()
+
+
+def make_barrier_task(job, localizers, timeouts, monitor_address, connection, threads):
+    """The barrier task: a closure over plain values (the job dict, localizers, numbers).
+
+    `localizers` maps a tag (0: training shard, 1: validation shard) to a localizer; the
+    partition's items arrive as ((partition, tag, seq), item) pairs when there are several
+    tags, plain items otherwise.
+    """
+    rendezvous_timeout, idle_timeout = timeouts
+
+    def task(items):
+        from pyspark import BarrierTaskContext
+
+        ctx = BarrierTaskContext.get()
+        rank = ctx.partitionId()
+        host = socket.gethostname()
+        workdir = tempfile.mkdtemp(prefix=f"caffeonspark-rank{rank}-", dir=_local_dir())
+        report = _reporter(monitor_address, rank)
+        worker = None
+        try:
+            specs = _localize(items, localizers, workdir, rank, job["size"])
+            env, warning = worker_env(threads, connection)
+            if warning:
+                report({"kind": "warning", "message": warning})
+            worker_job = dict(job, specs=specs)
+            worker = WorkerProcess(worker_job, rank, workdir, env)
+            worker.accept(rendezvous_timeout)
+            worker.recv(rendezvous_timeout, "starting")  # hello
+            ports = None
+            if rank == 0:
+                ports = worker.recv(rendezvous_timeout, "opening MPI ports")["ports"]
+            report({"kind": "barrier", "host": host})
+            gathered = ctx.allGather(json.dumps({"rank": rank, "host": host, "ports": ports}))
+            peers = [json.loads(g) for g in gathered]
+            local = [p["rank"] for p in peers if p["host"] == host]
+            worker.channel.send(
+                {
+                    "kind": "placement",
+                    "ports": peers[0]["ports"],
+                    "local_rank": local.index(rank),
+                    "local_size": len(local),
+                    "hosts": sorted({p["host"] for p in peers}),
+                }
+            )
+            m = worker.recv(rendezvous_timeout, "joining the MPI communicator")
+            if m.get("kind") != "joined":
+                raise worker.error(f"unexpected message {m} while joining")
+            report({"kind": "joined", "host": host})
+            result = None
+            while result is None:
+                m = worker.recv(idle_timeout, "training")
+                if m.get("kind") == "done":
+                    result = m
+                else:
+                    report(m)
+            yield json.dumps(result)
+        except LaunchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - anything else: name the rank and host
+            if worker is not None:
+                raise worker.error(f"{type(e).__name__}: {e}") from None
+            raise LaunchError(f"rank {rank} on {host}: {type(e).__name__}: {e}") from None
+        finally:
+            if worker is not None:
+                worker.stop()
+            report(None)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    return task
+
+
+def _localize(items, localizers, workdir, rank, size):
+    """Run each tag's localizer over its share of the partition; returns {tag: spec}."""
+    if len(localizers) == 1:
+        return {"0": localizers[0](items, workdir, rank, size)}
+    import itertools
+
+    specs = {}
+    groups = itertools.groupby(items, key=lambda kv: kv[0][1])
+    for tag, group in groups:
+        specs[str(tag)] = localizers[tag]((item for _, item in group), workdir, rank, size)
+    for tag, localizer in localizers.items():
+        if str(tag) not in specs:
+            specs[str(tag)] = localizer(iter(()), workdir, rank, size)
+    return specs
+
+
+def tag_partitions(rdds, num):
+    """One RDD of `num` partitions holding partition i of every RDD in `rdds` (tagged by the
+    RDD's index, in order), for a barrier stage that needs a training and a validation shard."""
+    tagged = None
+    for tag, rdd in enumerate(rdds):
+
+        def add_keys(index, it, tag=tag):
+            for seq, item in enumerate(it):
+                yield (index, tag, seq), item
+
+        part = rdd.mapPartitionsWithIndex(add_keys)
+        tagged = part if tagged is None else tagged.union(part)
+    return tagged.repartitionAndSortWithinPartitions(num, lambda key: key[0])
+
+
+def _reporter(address, rank):
+    """send(message) to the driver's monitor (best effort); send(None) closes."""
+    state = {"sock": None, "broken": address is None}
+
+    def send(message):
+        if message is None:
+            if state["sock"] is not None:
+                state["sock"].close()
+            return
+        if state["broken"]:
+            return
+        try:
+            if state["sock"] is None:
+                state["sock"] = socket.create_connection(tuple(address), timeout=10)
+            payload = dict(message, rank=rank)
+            state["sock"].sendall((json.dumps(payload) + "\n").encode("utf-8"))
+        except OSError:
+            state["broken"] = True
+
+    return send

@@ -1,0 +1,102 @@
+"""spark-submit entry point of CaffeOnSpark: train, extract features and/or test a Caffe net
+on the cluster, with CaffeOnSpark's flags.
+
+    spark-submit jobs/caffeonspark.py -train -features ip2 -test \
+        -conf conf/lenet/lenet_solver.prototxt -model work/lenet.caffemodel \
+        -output work/lenet_features -outputFormat json -clusterSize 2
+
+Runs, in this order: -train (writes -model), -features (writes -output, or shows a few rows),
+-test (prints the mean of every output blob, e.g. accuracy). `-help` lists every flag.
+"""
+
+import logging
+import os
+import sys
+import tempfile
+import zipfile
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource  # noqa: E402
+from caffeonspark.launch import LaunchError  # noqa: E402
+from caffeonspark.sources import SourceError  # noqa: E402
+
+log = logging.getLogger("caffeonspark")
+
+
+def ship_packages(spark):
+    """Send the engine and caffeonspark packages to the executors (sc.addPyFile), so a
+    cluster needs only the dependencies installed, not this project."""
+    import caffeonspark
+    import engine
+
+    path = os.path.join(tempfile.mkdtemp(prefix="caffeonspark-code-"), "caffeonspark_code.zip")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for package in (engine, caffeonspark):
+            root = os.path.dirname(os.path.dirname(os.path.abspath(package.__file__)))
+            top = os.path.dirname(os.path.abspath(package.__file__))
+            for folder, dirs, files in os.walk(top):
+                dirs[:] = [d for d in dirs if d != "__pycache__"]
+                for name in files:
+                    if name.endswith((".py", ".proto")):
+                        full = os.path.join(folder, name)
+                        z.write(full, os.path.relpath(full, root))
+    spark.sparkContext.addPyFile(path)
+
+
+def run(conf, spark):
+    cos = CaffeOnSpark(spark)
+    if conf.train:
+        summary = cos.train(DataSource.get(conf, is_train=True))
+        print(
+            f"trained {summary.iterations} iterations on {summary.ranks} rank(s): "
+            f"loss {summary.loss:.4f}, {summary.images_per_s:.0f} images/s, model {summary.model}",
+            flush=True,
+        )
+    if conf.features:
+        df = cos.features(DataSource.get(conf, is_train=False))
+        if conf.output:
+            uri = cos.write_features(df, conf)
+            print(f"features of {df.count()} records written to {uri}", flush=True)
+        else:
+            df.show(5, truncate=60)
+    if conf.test:
+        result = cos.test(DataSource.get(conf, is_train=False))
+        for name, value in result.items():
+            print(f"{name} = {value}", flush=True)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s] %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    if any(a in ("-help", "--help", "-h") for a in argv):
+        print(__doc__ + "\n" + Config.usage())
+        return 0
+    try:
+        conf = Config.from_args(argv).check()
+    except ConfigError as e:
+        print(f"caffeonspark: {e}\n\n{Config.usage()}", file=sys.stderr)
+        return 2
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.appName("CaffeOnSpark").getOrCreate()
+    conf.spark = spark
+    try:
+        if os.environ.get("CAFFEONSPARK_SHIP_CODE", "1") != "0":
+            ship_packages(spark)
+        return run(conf, spark)
+    except (ConfigError, SourceError, LaunchError) as e:
+        print(f"caffeonspark: {e}", file=sys.stderr)
+        return 1
+    finally:
+        spark.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

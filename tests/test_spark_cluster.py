@@ -1,0 +1,383 @@
+"""CaffeOnSpark on a real local Spark cluster (local-cluster[2,1,1024]: two executor JVMs of
+one core) with real MPI: training end to end, 2 ranks x batch B == 1 rank x batch 2B, resume,
+validation, test, features (partial last batch), DataFrame and image sources, fast failures.
+"""
+
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource, LaunchError, SourceError
+from engine.data import LMDBWriter, array_to_datum
+from engine.proto import caffe_pb2
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+LENET = REPO / "conf" / "lenet" / "lenet_train_test.prototxt"
+
+
+# --- data and configuration --------------------------------------------------------------------
+
+
+def digits(n, split="train", offset=0):
+    d = np.load(REPO / "data" / "digits.npz")
+    return d[f"{split}_images"][offset : offset + n], d[f"{split}_labels"][offset : offset + n]
+
+
+def write_lmdb(path, images, labels):
+    with LMDBWriter(str(path)) as db:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            db.put(f"{i:08d}", array_to_datum(img[None], int(lab)).SerializeToString())
+    return str(path)
+
+
+def lmdb_keys(path):
+    from engine.data.lmdb_io import read_all
+
+    return [k.decode() for k, _ in read_all(path)]
+
+
+def write_solver(folder, train_source, test_source, train_batch, test_batch=10, **solver):
+    """A LeNet solver + net in `folder` reading the given sources."""
+    net = caffe_pb2.NetParameter()
+    text_format.Parse(LENET.read_text(), net)
+    for lp in net.layer:
+        if lp.type == "Data":
+            train = lp.include[0].phase == caffe_pb2.TRAIN
+            lp.data_param.source = str(train_source if train else test_source)
+            lp.data_param.batch_size = train_batch if train else test_batch
+    net_path = Path(folder) / "net.prototxt"
+    net_path.write_text(text_format.MessageToString(net))
+    param = caffe_pb2.SolverParameter()
+    text_format.Parse(
+        f"""net: "{net_path}" base_lr: 0.01 momentum: 0.9 weight_decay: 0.0005
+        lr_policy: "inv" gamma: 0.0001 power: 0.75 display: 2 max_iter: 10
+        snapshot_prefix: "{folder}/lenet" random_seed: 1701 type: "SGD" """,
+        param,
+    )
+    for key, value in solver.items():
+        field = getattr(param, key)
+        if hasattr(field, "extend"):
+            field.extend(value if isinstance(value, list) else [value])
+        else:
+            setattr(param, key, value)
+    path = Path(folder) / "solver.prototxt"
+    path.write_text(text_format.MessageToString(param))
+    return str(path)
+
+
+def model_weights(path):
+    net = caffe_pb2.NetParameter.FromString(Path(path).read_bytes())
+    return {
+        f"{lp.name}/{i}": np.asarray(b.data, dtype=np.float32)
+        for lp in net.layer
+        for i, b in enumerate(lp.blobs)
+    }
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from pyspark.sql import SparkSession
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    session = (
+        SparkSession.builder.master("local-cluster[2,1,1024]")
+        .appName("caffeonspark-tests")
+        .config("spark.executorEnv.PYTHONPATH", str(REPO))
+        .config("spark.executorEnv.OMP_NUM_THREADS", "1")
+        .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.stage.maxConsecutiveAttempts", "1")
+        .config("spark.task.maxFailures", "1")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """LMDBs: 160 training digits (two shards of 80 = 5 batches of 16), the same records
+    interleaved for one rank with batch 32, and 103 test digits (partial batches)."""
+    root = tmp_path_factory.mktemp("digits")
+    images, labels = digits(160)
+    train = write_lmdb(root / "train_lmdb", images, labels)
+    order = []
+    for i in range(5):  # 1 rank x 32 == rank 0's 16 + rank 1's 16 of each iteration
+        order += list(range(16 * i, 16 * i + 16)) + list(range(80 + 16 * i, 80 + 16 * i + 16))
+    interleaved = write_lmdb(root / "interleaved_lmdb", images[order], labels[order])
+    timages, tlabels = digits(103, "test")
+    test = write_lmdb(root / "test_lmdb", timages, tlabels)
+    return {"root": root, "train": train, "interleaved": interleaved, "test": test}
+
+
+@pytest.fixture(scope="module")
+def trained(spark, data):
+    """A 2-rank run of 10 iterations with snapshots every 5 (shared by several tests)."""
+    folder = data["root"] / "run2"
+    folder.mkdir()
+    solver = write_solver(folder, data["train"], data["test"], 16, snapshot=5)
+    conf = Config(spark, conf=solver, model=str(folder / "model" / "lenet.caffemodel"))
+    t = time.monotonic()
+    summary = CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+    return {"conf": conf, "summary": summary, "folder": folder, "seconds": time.monotonic() - t}
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def test_train_end_to_end(trained):
+    s = trained["summary"]
+    folder = trained["folder"] / "model"
+    assert s.ranks == 2 and s.iterations == 10 and s.final_iter == 10
+    assert os.path.isfile(folder / "lenet.caffemodel")
+    assert {"lenet_iter_5.solverstate", "lenet_iter_10.caffemodel"} <= set(os.listdir(folder))
+    assert not [n for n in os.listdir(folder) if n.startswith(".")], "temp files left behind"
+    assert len(s.losses) == 10 and s.losses[-1] < s.losses[0]
+    assert s.images_per_s > 0 and s.startup_s < 60
+    state = caffe_pb2.SolverState.FromString((folder / "lenet_iter_5.solverstate").read_bytes())
+    assert state.iter == 5 and state.learned_net == "lenet_iter_5.caffemodel"
+
+
+def test_two_ranks_match_one_rank_with_double_batch(spark, data, trained):
+    folder = data["root"] / "run1"
+    folder.mkdir()
+    solver = write_solver(folder, data["interleaved"], data["test"], 32)
+    conf = Config(spark, conf=solver, model=str(folder / "lenet.caffemodel"), clusterSize=1)
+    one = CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+    assert one.ranks == 1
+    np.testing.assert_allclose(one.losses, trained["summary"].losses, rtol=1e-4, atol=1e-5)
+    two = model_weights(trained["summary"].model)
+    for name, w in model_weights(one.model).items():
+        np.testing.assert_allclose(w, two[name], rtol=1e-4, atol=2e-6, err_msg=name)
+
+
+def test_resume_from_snapshot_continues(spark, data, trained):
+    # Each shard is 5 batches, so a run restarted at iteration 5 sees the batches of
+    # iterations 5..9 again: resuming must reproduce the uninterrupted run.
+    folder = data["root"] / "resumed"
+    folder.mkdir()
+    snap = trained["folder"] / "model" / "lenet_iter_5.solverstate"
+    conf = Config(
+        spark,
+        conf=trained["conf"].conf,
+        model=str(folder / "lenet.caffemodel"),
+        snapshot=f"file://{snap}",
+    )
+    s = CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+    assert s.iterations == 5 and s.final_iter == 10
+    np.testing.assert_allclose(s.losses, trained["summary"].losses[5:], rtol=1e-4, atol=1e-5)
+    ref = model_weights(trained["summary"].model)
+    for name, w in model_weights(s.model).items():
+        np.testing.assert_allclose(w, ref[name], rtol=1e-4, atol=2e-6, err_msg=name)
+
+
+def test_train_with_validation(spark, data):
+    folder = data["root"] / "validated"
+    folder.mkdir()
+    solver = write_solver(
+        folder, data["train"], data["test"], 16, max_iter=6, test_iter=[2], test_interval=3
+    )
+    conf = Config(spark, conf=solver, model=str(folder / "lenet.caffemodel"))
+    df = CaffeOnSpark(spark).trainWithValidation(
+        DataSource.get(conf, is_train=True), DataSource.get(conf, is_train=False)
+    )
+    rows = df.orderBy("iteration").collect()
+    assert [r.iteration for r in rows] == [0, 3, 6]
+    assert set(df.columns) == {"iteration", "accuracy", "loss"}
+    assert all(0.0 <= r.accuracy <= 1.0 for r in rows)
+
+
+# --- test and features ---------------------------------------------------------------------------
+
+
+def local_outputs(solver, model, test_lmdb, count):
+    """Every test record through the TEST net in one batch, on the driver (the reference)."""
+    from engine.net import Net
+
+    conf = Config(conf=solver)
+    param = conf.net_param(caffe_pb2.TEST)
+    for lp in param.layer:
+        if lp.type == "Data":
+            lp.data_param.batch_size = count
+            lp.data_param.source = test_lmdb
+    net = Net(param, phase=caffe_pb2.TEST, weights=model)
+    net.forward()
+    return {k: v.data.copy() for k, v in net.blobs.items()}
+
+
+def test_features_one_row_per_record(spark, data, trained):
+    model = trained["summary"].model
+    conf = Config(
+        spark, conf=trained["conf"].conf, model=model, features="ip2,ip1", lmdb_partitions=2
+    )
+    source = DataSource.get(conf, is_train=False)
+    df = CaffeOnSpark(spark).features(source)
+    rows = df.collect()
+    assert df.columns == ["SampleID", "ip2", "ip1", "label"]
+    assert len(rows) == source.count() == 103  # 2 partitions of 52 + 51: both end partially
+    keys = lmdb_keys(data["test"])
+    assert sorted(r.SampleID for r in rows) == keys
+    ref = local_outputs(trained["conf"].conf, model, data["test"], 103)
+    by_key = {r.SampleID: r for r in rows}
+    for i, key in enumerate(keys):
+        row = by_key[key]
+        assert len(row.ip1) == 500
+        np.testing.assert_allclose(row.ip2, ref["ip2"][i], rtol=1e-4, atol=1e-4)
+        assert row.label == ref["label"][i]
+
+
+def test_features_of_the_training_records(spark, data, trained):
+    conf = Config(spark, conf=trained["conf"].conf, model=trained["summary"].model, features="ip2")
+    df = CaffeOnSpark(spark).features(DataSource.get(conf, is_train=True))  # TEST net, train data
+    assert df.count() == 160 and df.select("SampleID").distinct().count() == 160
+
+
+def test_test_returns_dataset_means(spark, data, trained):
+    model = trained["summary"].model
+    conf = Config(spark, conf=trained["conf"].conf, model=model, lmdb_partitions=3)
+    result = CaffeOnSpark(spark).test(DataSource.get(conf, is_train=False))
+    ref = local_outputs(trained["conf"].conf, model, data["test"], 103)
+    assert set(result) == {"accuracy", "loss"}
+    assert result["accuracy"] == pytest.approx(float(ref["accuracy"]), abs=1e-6)
+    assert result["loss"] == pytest.approx(float(ref["loss"]), rel=1e-4)
+
+
+def test_write_features_parquet(spark, data, trained):
+    out = data["root"] / "features.parquet"
+    conf = Config(
+        spark,
+        conf=trained["conf"].conf,
+        model=trained["summary"].model,
+        features="ip2",
+        output=str(out),
+        outputFormat="parquet",
+    )
+    cos = CaffeOnSpark(spark)
+    cos.write_features(cos.features(DataSource.get(conf, is_train=False)), conf)
+    assert spark.read.parquet(str(out)).count() == 103
+
+
+# --- DataFrame and image sources -----------------------------------------------------------------
+
+
+def png_bytes(img):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_dataframe_source_train_and_features(spark, data, trained):
+    folder = data["root"] / "frame"
+    folder.mkdir()
+    images, labels = digits(45, "test")
+    rows = [
+        (png_bytes(img), int(lab), f"img{i}") for i, (img, lab) in enumerate(zip(images, labels))
+    ]
+    table = str(folder / "digits.parquet")
+    spark.createDataFrame(rows, "data binary, label int, SampleID string").repartition(
+        3
+    ).write.parquet(table)
+    solver = write_solver(
+        folder, table, table, 8, test_batch=10, max_iter=3, test_iter=[1], test_interval=3
+    )
+    conf = Config(spark, conf=solver, model=str(folder / "lenet.caffemodel"), features="ip2")
+    cos = CaffeOnSpark(spark)
+    source = DataSource.get(conf, is_train=False)
+    validation = cos.trainWithValidation(DataSource.get(conf, is_train=True), source)
+    assert [r.iteration for r in validation.collect()] == [0, 3]
+    assert os.path.isfile(folder / "lenet.caffemodel")
+    assert source.kind == "dataframe"
+    feats = cos.features(source).collect()
+    assert len(feats) == 45 and {r.SampleID for r in feats} == {f"img{i}" for i in range(45)}
+    assert sorted(int(r.label) for r in feats) == sorted(int(x) for x in labels)
+
+
+def test_image_list_source_train_and_features(spark, data):
+    folder = data["root"] / "images"
+    folder.mkdir()
+    images, labels = digits(23, "test", offset=200)
+    lines = []
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        (folder / f"d{i}.png").write_bytes(png_bytes(img))
+        lines.append(f"d{i}.png {int(lab)}")
+    (folder / "list.txt").write_text("\n".join(lines) + "\n")
+    net = caffe_pb2.NetParameter()
+    text_format.Parse(LENET.read_text(), net)
+    for lp in net.layer:
+        if lp.type == "Data":
+            lp.type = "ImageData"
+            lp.ClearField("data_param")
+            lp.image_data_param.source = str(folder / "list.txt")
+            lp.image_data_param.root_folder = str(folder) + "/"
+            lp.image_data_param.batch_size = 5
+            lp.image_data_param.is_color = False
+    (folder / "net.prototxt").write_text(text_format.MessageToString(net))
+    (folder / "solver.prototxt").write_text(
+        f'net: "{folder}/net.prototxt" base_lr: 0.01 lr_policy: "fixed" max_iter: 2'
+    )
+    conf = Config(
+        spark,
+        conf=str(folder / "solver.prototxt"),
+        model=str(folder / "m.caffemodel"),
+        features="ip2",
+    )
+    cos = CaffeOnSpark(spark)
+    s = cos.train(DataSource.get(conf, is_train=True))  # ImageData runs as a Data layer
+    assert s.iterations == 2 and s.ranks == 2
+    source = DataSource.get(conf, is_train=False)
+    assert source.kind == "images"
+    rows = cos.features(source).collect()
+    assert sorted(r.SampleID for r in rows) == sorted(f"d{i}.png" for i in range(23))
+    assert sorted(int(r.label) for r in rows) == sorted(int(x) for x in labels)
+
+
+# --- failing fast --------------------------------------------------------------------------------
+
+
+def test_missing_model_fails_fast(spark, trained, tmp_path):
+    conf = Config(spark, conf=trained["conf"].conf, model=str(tmp_path / "nope.caffemodel"))
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match="nope.caffemodel: no such file"):
+        CaffeOnSpark(spark).test(DataSource.get(conf, is_train=False))
+    assert time.monotonic() - t < 5
+
+
+def test_unreadable_source_fails_fast(spark, data, tmp_path):
+    solver = write_solver(tmp_path, tmp_path / "missing_lmdb", data["test"], 16)
+    conf = Config(spark, conf=solver, model=str(tmp_path / "m.caffemodel"))
+    with pytest.raises(SourceError, match="missing_lmdb not found"):
+        DataSource.get(conf, is_train=True)
+
+
+def test_cluster_too_small_fails_fast(spark, data, tmp_path):
+    solver = write_solver(tmp_path, data["train"], data["test"], 16)
+    conf = Config(spark, conf=solver, model=str(tmp_path / "m.caffemodel"), clusterSize=3)
+    t = time.monotonic()
+    with pytest.raises(LaunchError, match="needs 3 concurrent tasks.*2 task slot"):
+        CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+    assert time.monotonic() - t < 10
+
+
+def test_worker_failure_names_rank_and_cause(spark, data, tmp_path):
+    bad = tmp_path / "bad.caffemodel"
+    bad.write_bytes(b"not a model")
+    solver = write_solver(tmp_path, data["train"], data["test"], 16)
+    conf = Config(spark, conf=solver, model=str(tmp_path / "m.caffemodel"), weights=str(bad))
+    t = time.monotonic()
+    with pytest.raises(LaunchError, match=r"rank 0 .*bad\.caffemodel"):
+        CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+    assert time.monotonic() - t < 60

@@ -1,0 +1,408 @@
+"""The training machinery without Spark: flat gradient buffers, the MPI rendezvous of
+separate `mpiexec -n 1` workers, the worker process driven by a task-side WorkerProcess,
+snapshot lookup / restore, and the driver's progress formatting."""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from caffeonspark import launch, worker
+from caffeonspark.comm import FlatBuffer, flat_arrays
+from caffeonspark.comm.mpi import transport_env
+from engine.blob import Blob
+from engine.data import LMDBWriter, array_to_datum
+from engine.proto import caffe_pb2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_flat_buffer_gathers_and_scatters():
+    blobs = [Blob((2, 3)), Blob((4,))]
+    blobs[0].diff[...] = np.arange(6).reshape(2, 3)
+    blobs[1].diff[...] = 10
+    flat = FlatBuffer(blobs, extra=1)
+    flat.gather_diff()
+    assert flat.count == 10 and flat.buffer.shape == (11,) and flat.buffer.dtype == np.float32
+    np.testing.assert_array_equal(flat.buffer[:10], [0, 1, 2, 3, 4, 5, 10, 10, 10, 10])
+    flat.tail[0] = 7
+    flat.buffer[:10] *= 2
+    flat.scatter_diff(0.5)
+    np.testing.assert_array_equal(blobs[0].diff, np.arange(6).reshape(2, 3))
+    assert flat.tail[0] == 7  # extras are not scaled
+    blobs[1].data[...] = 3
+    flat.gather_data()
+    blobs[1].data[...] = 0
+    flat.scatter_data()
+    np.testing.assert_array_equal(blobs[1].data, 3)
+    buf, views = flat_arrays([np.ones((2, 2)), np.zeros(3)])
+    views[0][...] = 5
+    np.testing.assert_array_equal(buf, [5, 5, 5, 5, 0, 0, 0])
+
+
+def test_flat_buffer_aliases_diffs_unless_shared():
+    a, b, c = Blob((2, 2)), Blob((3,)), Blob((4,))
+    a.diff[...] = 1
+    view = Blob((4,))
+    view.set_diff(a.diff.reshape(4))  # a shared parameter seen with another shape
+    flat = FlatBuffer([a, b, c])
+    assert flat.alias_diffs(others=[a, b, c, view]) == 2
+    assert a.diff is not flat._slices[0] and b.diff is flat._slices[1]
+    b.diff += 2  # backward accumulating in place lands in the buffer
+    flat.gather_diff()
+    np.testing.assert_array_equal(flat.buffer, [1, 1, 1, 1, 2, 2, 2, 0, 0, 0, 0])
+    flat.buffer[:] = 4
+    flat.scatter_diff(0.5)
+    np.testing.assert_array_equal(a.diff, 2)
+    np.testing.assert_array_equal(view.diff, 2)
+    np.testing.assert_array_equal(b.diff, 2)
+
+
+def test_transport_env():
+    env, warning = transport_env("ethernet")
+    assert env["UCX_TLS"] == "^ib" and warning is None
+    env, warning = transport_env("infiniband", infiniband_present=False)
+    assert env["UCX_TLS"] == "^ib" and "no InfiniBand device" in warning
+    env, warning = transport_env("infiniband", infiniband_present=True)
+    assert "UCX_TLS" not in env and warning is None
+
+
+_RANK_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import numpy as np
+    from caffeonspark.comm import mpi
+    rank, size, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    path = os.path.join(folder, "ports.json")
+    if rank == 0:
+        ports = mpi.open_ports(size - 1)
+        with open(path + ".tmp", "w") as f:
+            json.dump(ports, f)
+        os.replace(path + ".tmp", path)
+    else:
+        while not os.path.exists(path):
+            time.sleep(0.02)
+        ports = json.load(open(path))
+    comm = mpi.join(rank, size, ports)
+    buf = np.full(1000, rank + 1, dtype=np.float32)
+    comm.allreduce_sum_(buf)
+    w = np.arange(4, dtype=np.float32) * (rank == 0)
+    comm.bcast_(w)
+    print(json.dumps({"rank": comm.rank, "size": comm.size, "sum": float(buf[0]),
+                      "bcast": w.tolist(), "mean": comm.allreduce_mean([rank]).tolist()}))
+    comm.free()
+    """
+)
+
+
+def _mpiexec():
+    return os.path.join(os.path.dirname(sys.executable), "mpiexec")
+
+
+def test_separate_mpiexec_workers_form_one_communicator(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO), UCX_LOG_LEVEL="error", UCX_TLS="^ib")
+    size = 3
+    procs = [
+        subprocess.Popen(
+            [_mpiexec(), "-n", "1", sys.executable, str(script), str(r), str(size), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+        )
+        for r in (2, 1, 0)  # start order does not decide the ranks
+    ]
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=120)
+        finally:
+            p.kill()
+        assert p.returncode == 0, out
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    outs.sort(key=lambda o: o["rank"])
+    assert [o["rank"] for o in outs] == [0, 1, 2] and all(o["size"] == 3 for o in outs)
+    assert all(o["sum"] == 6.0 for o in outs)
+    assert all(o["bcast"] == [0, 1, 2, 3] for o in outs)
+    assert all(o["mean"] == [1.0] for o in outs)
+
+
+# --- a worker driven as a task drives it ------------------------------------------------
+
+
+def _job(tmp_path, max_iter=4, snapshot=0, weights=None):
+    d = np.load(REPO / "data" / "digits.npz")
+    lmdb = tmp_path / "lmdb"
+    with LMDBWriter(str(lmdb)) as db:
+        for i in range(40):
+            img, lab = d["train_images"][i], d["train_labels"][i]
+            db.put(f"{i:08d}", array_to_datum(img[None], int(lab)).SerializeToString())
+    net = caffe_pb2.NetParameter()
+    text_format.Parse((REPO / "conf/lenet/lenet_train_test.prototxt").read_text(), net)
+    for lp in net.layer:
+        if lp.type == "Data":
+            lp.data_param.source = str(lmdb)
+            lp.data_param.batch_size = 8
+    sp = caffe_pb2.SolverParameter(
+        base_lr=0.01,
+        lr_policy="fixed",
+        max_iter=max_iter,
+        display=1,
+        snapshot=snapshot,
+        random_seed=1,
+        type="SGD",
+    )
+    sp.net_param.CopyFrom(net)
+    model = tmp_path / "out" / "m.caffemodel"
+    return {
+        "size": 1,
+        "solver": base64.b64encode(sp.SerializeToString()).decode(),
+        "train_layer": "mnist",
+        "train_top": "data",
+        "validation_layer": None,
+        "model": str(model),
+        "snapshot_dir": str(model.parent),
+        "snapshot_stem": "m",
+        "snapshot": None,
+        "weights": weights,
+        "rendezvous_timeout": 60,
+        "specs": {"0": {"kind": "lmdb", "path": str(lmdb), "name": "lmdb", "shard": 0, "num": 1}},
+    }
+
+
+def _env():
+    env, _ = launch.worker_env(1, "ethernet")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env["PYTHONPATH"]
+    return env
+
+
+def _drive(job, workdir, local_rank=0):
+    """Play the task's part for a 1-rank job; returns (message kinds, done message, log)."""
+    w = launch.WorkerProcess(job, 0, str(workdir), _env())
+    try:
+        w.accept(60)
+        assert w.recv(60, "starting")["kind"] == "hello"
+        assert w.recv(60, "ports") == {"kind": "ports", "ports": []}
+        w.channel.send(
+            {"kind": "placement", "ports": [], "local_rank": local_rank, "local_size": 2}
+        )
+        assert w.recv(60, "joining")["kind"] == "joined"
+        kinds, done = [], None
+        while done is None:
+            m = w.recv(120, "training")
+            kinds.append(m["kind"])
+            if m["kind"] == "done":
+                done = m
+    finally:
+        w.stop()
+    return kinds, done, Path(w.log_path).read_text()
+
+
+def test_worker_trains_and_reports(tmp_path):
+    job = dict(_job(tmp_path, max_iter=4, snapshot=2), pin_cpus=True, threads=1)
+    kinds, done, log = _drive(job, tmp_path, local_rank=1)
+    cpus = sorted(os.sched_getaffinity(0))
+    assert f"pinned to CPU(s) [{cpus[1 % len(cpus)]}]" in log
+    assert kinds.count("progress") == 4 and kinds.count("snapshot") == 2
+    assert done["iterations"] == 4 and len(done["losses"]) == 4
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == sorted(
+        [
+            "m.caffemodel",
+            "m_iter_2.caffemodel",
+            "m_iter_2.solverstate",
+            "m_iter_4.caffemodel",
+            "m_iter_4.solverstate",
+            "m_snapshots.json",
+        ]
+    )
+    assert worker.latest_snapshot(str(out), "m") == str(out / "m_iter_4.solverstate")
+
+
+def test_stage_retry_resumes_from_the_runs_newest_snapshot(tmp_path):
+    first = dict(_job(tmp_path, max_iter=4, snapshot=2), run_id="run-a")
+    _drive(first, tmp_path)
+    sp = caffe_pb2.SolverParameter.FromString(base64.b64decode(first["solver"]))
+    sp.max_iter = 6
+    again = dict(first, solver=base64.b64encode(sp.SerializeToString()).decode())
+    _, done, log = _drive(again, tmp_path)  # a retry of run-a: continues at iteration 4
+    assert (done["start_iter"], done["iterations"]) == (4, 2)
+    assert "stage retry: resuming" in log
+    _, done, _ = _drive(dict(again, run_id="run-b"), tmp_path)  # another run starts afresh
+    assert (done["start_iter"], done["iterations"]) == (0, 6)
+
+
+def test_worker_error_reaches_the_task_with_its_cause(tmp_path):
+    bad = tmp_path / "bad.caffemodel"
+    bad.write_bytes(b"garbage")
+    job = _job(tmp_path, weights=str(bad))
+    w = launch.WorkerProcess(job, 0, str(tmp_path), _env())
+    try:
+        w.accept(60)
+        for _ in range(2):
+            w.recv(60, "starting")
+        w.channel.send({"kind": "placement", "ports": [], "local_rank": 0, "local_size": 1})
+        w.recv(60, "joining")
+        with pytest.raises(launch.LaunchError, match=r"rank 0 on .*bad\.caffemodel"):
+            w.recv(120, "training")
+    finally:
+        w.stop()
+
+
+def test_rendezvous_times_out_instead_of_hanging(tmp_path):
+    job = dict(_job(tmp_path), size=2, rendezvous_timeout=2)  # nobody will connect to rank 0
+    w = launch.WorkerProcess(job, 0, str(tmp_path), _env())
+    t = time.monotonic()
+    try:
+        w.accept(60)
+        w.recv(60, "starting")
+        ports = w.recv(60, "ports")["ports"]
+        assert len(ports) == 1
+        w.channel.send({"kind": "placement", "ports": ports, "local_rank": 0, "local_size": 1})
+        with pytest.raises(launch.LaunchError, match="could not join the MPI communicator in 2 s"):
+            w.recv(60, "joining")
+        w.proc.wait(timeout=30)
+    finally:
+        w.stop(grace=0)
+    assert time.monotonic() - t < 30
+
+
+def test_worker_exits_when_its_task_goes_away(tmp_path):
+    job = _job(tmp_path, max_iter=100000)
+    w = launch.WorkerProcess(job, 0, str(tmp_path), _env())
+    try:
+        w.accept(60)
+        for _ in range(2):
+            w.recv(60, "starting")
+        w.channel.send({"kind": "placement", "ports": [], "local_rank": 0, "local_size": 1})
+        w.recv(60, "joining")
+        w.channel.close()  # the task died
+        w.proc.wait(timeout=30)
+    finally:
+        w.stop(grace=0)
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert w.proc.returncode != 0  # it stopped by itself, not by finishing 100000 iterations
+    assert str(tmp_path / "job-0.json") not in out, "worker left running"
+
+
+def test_restore_finds_the_model_beside_the_state(tmp_path):
+    from engine.solvers import get_solver
+
+    job = _job(tmp_path)
+    sp = caffe_pb2.SolverParameter.FromString(base64.b64decode(job["solver"]))
+    sp.snapshot_prefix = str(tmp_path / "a" / "snap")
+    (tmp_path / "a").mkdir()
+    solver = get_solver(sp)
+    solver.step(2)
+    model, state = solver.snapshot()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.rename(model, moved / os.path.basename(model))
+    os.rename(state, moved / os.path.basename(state))
+    fresh = get_solver(sp)
+    worker.restore(fresh, f"file://{moved}/snap_iter_2.solverstate", str(tmp_path / "local"))
+    assert fresh.iter == 2
+    for a, b in zip(fresh.net.learnable_params, solver.net.learnable_params):
+        np.testing.assert_array_equal(a.data, b.data)
+    os.unlink(moved / "snap_iter_2.caffemodel")
+    with pytest.raises(worker.WorkerError, match="snap_iter_2.caffemodel' is missing"):
+        worker.restore(get_solver(sp), str(moved / "snap_iter_2.solverstate"), str(tmp_path))
+
+
+# --- driver-side helpers -----------------------------------------------------------------
+
+
+def test_channel_round_trip():
+    a, b = socket.socketpair()
+    closed = []
+    ca, cb = launch.Channel(a), launch.Channel(b, on_close=lambda: closed.append(1))
+    ca.send({"kind": "x", "n": 1})
+    assert cb.recv(5) == {"kind": "x", "n": 1}
+    with pytest.raises(TimeoutError):
+        cb.recv(0.05)
+    ca.close()
+    assert cb.recv(5) is None
+    time.sleep(0.05)
+    assert closed == [1]
+
+
+def test_format_progress_is_caffe_like():
+    line = launch.format_progress(
+        {
+            "iter": 20,
+            "max_iter": 300,
+            "loss": 0.5,
+            "lr": 0.01,
+            "images_per_s": 2000.4,
+            "step_ms": 50.0,
+            "allreduce_ms": 2.5,
+            "wait_ms": 1.0,
+        }
+    )
+    assert line.startswith("Iteration 20/300, loss = 0.5, lr = 0.01, 2000 images/s")
+    assert "all-reduce 2.50 ms (5%)" in line and "slowest rank 1.00 ms" in line
+
+
+def test_spark_failure_message_is_the_tasks_own():
+    text = (
+        "An error occurred ... org.apache.spark.api.python.PythonException: Traceback ...\n"
+        "caffeonspark.launch.LaunchError: rank 1 on host: worker exited (status 1)\n"
+        "\tat org.apache.spark..."
+    )
+    assert launch._spark_failure(Exception(text)) == "rank 1 on host: worker exited (status 1)"
+
+
+class _FakeSparkContext:
+    def __init__(self):
+        self.cancelled = []
+
+    def getConf(self):
+        return {"spark.driver.host": "127.0.0.1"}
+
+    def cancelJobGroup(self, group):
+        self.cancelled.append(group)
+
+
+def test_monitor_cancels_when_a_rank_does_not_join(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="caffeonspark")
+    sc = _FakeSparkContext()
+    with launch.Monitor(sc, ranks=2, rendezvous_timeout=0.5, idle_timeout=100) as monitor:
+        with socket.create_connection(monitor.address) as s:
+            for m in (
+                {"kind": "barrier", "rank": 0},
+                {"kind": "barrier", "rank": 1},
+                {"kind": "joined", "rank": 0},
+                {"kind": "progress", "rank": 0, "iter": 0, "max_iter": 5, "loss": 2.3, "lr": 0.01},
+            ):
+                s.sendall((json.dumps(m) + "\n").encode())
+            deadline = time.monotonic() + 10
+            while not sc.cancelled and time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert sc.cancelled == [monitor.group]
+    assert "rank(s) [1] did not join the MPI communicator within 0.5 s" in monitor.failure
+    assert monitor.first_iteration_at is not None
+    assert "Iteration 0/5, loss = 2.3, lr = 0.01" in caplog.text
+
+
+def test_monitor_cancels_a_silent_stage():
+    sc = _FakeSparkContext()
+    with launch.Monitor(sc, ranks=1, rendezvous_timeout=100, idle_timeout=0.5) as monitor:
+        monitor.receive({"kind": "barrier", "rank": 0})
+        monitor.receive({"kind": "joined", "rank": 0})
+        deadline = time.monotonic() + 10
+        while not sc.cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "no progress from the train stage" in monitor.failure

@@ -1,0 +1,249 @@
+"""Data sources without a cluster: choosing the source from the data layer, LMDB key ranges,
+DataFrame rows -> Datums, Arrow spill files, ImageData rewriting, and the inference loop
+(full batches + a partial last batch, one row per record)."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from caffeonspark import Config, DataSource, SourceError
+from caffeonspark.api import run_inference
+from caffeonspark.config import TEST, TRAIN
+from caffeonspark.sources import as_data_layer, open_spec, rewrite_net
+from caffeonspark.sources.dataframe import (
+    ArrowRecordSource,
+    RowConverter,
+    looks_encoded,
+    write_arrow,
+)
+from caffeonspark.sources.lmdb import LMDBLocalizer
+from engine.data import LMDBWriter, array_to_datum
+from engine.net import Net
+from engine.proto import caffe_pb2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_lmdb(path, n, offset=0):
+    d = np.load(REPO / "data" / "digits.npz")
+    images, labels = d["test_images"][offset : offset + n], d["test_labels"][offset : offset + n]
+    with LMDBWriter(str(path)) as db:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            db.put(f"{i:08d}", array_to_datum(img[None], int(lab)).SerializeToString())
+    return str(path), images, labels
+
+
+@pytest.fixture
+def lenet(tmp_path):
+    """A LeNet solver over a 23-record LMDB (TEST batch 10: batches of 10, 10 and 3)."""
+    lmdb, images, labels = write_lmdb(tmp_path / "lmdb", 23)
+    net = caffe_pb2.NetParameter()
+    text_format.Parse((REPO / "conf/lenet/lenet_train_test.prototxt").read_text(), net)
+    for lp in net.layer:
+        if lp.type == "Data":
+            lp.data_param.source = lmdb
+            lp.data_param.batch_size = 10
+    (tmp_path / "net.prototxt").write_text(text_format.MessageToString(net))
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path}/net.prototxt" base_lr: 0.01 lr_policy: "fixed" random_seed: 3'
+    )
+    conf = Config(conf=str(tmp_path / "solver.prototxt"))
+    weights = Net(conf.net_param(TEST), phase=TEST).to_proto()  # random filler weights
+    return {"conf": conf, "lmdb": lmdb, "images": images, "labels": labels, "weights": weights}
+
+
+def test_get_picks_lmdb_and_checks_it(lenet):
+    source = DataSource.get(lenet["conf"], is_train=True)
+    assert source.kind == "lmdb" and source.batch_size == 10 and source.count() == 23
+    assert "layer 'mnist' (Data, TRAIN)" in source.name
+
+
+def test_lmdb_shards_cover_every_record_once(lenet):
+    source = DataSource.get(lenet["conf"], is_train=False)
+    ranges = source._ranges(3)
+    sizes = [n for _, n in ranges]
+    assert sizes == [8, 8, 7] and sum(sizes) == 23
+    seen = []
+    for i in range(3):
+        spec = LMDBLocalizer(source.uri, source.name, 3, ranges)(iter([i]), "/tmp", i, 3)
+        src = open_spec(spec)
+        keys = [k for k, _ in src.take(len(src))]
+        assert src.take(1)[0][0] == keys[0]  # wraps to the start of its own range
+        seen += keys
+        src.close()
+    assert [k.decode() for k in seen] == [f"{i:08d}" for i in range(23)]
+    # Without driver-side ranges the task computes the same split.
+    spec = LMDBLocalizer(source.uri, source.name, 3, None)(iter([2]), "/tmp", 2, 3)
+    assert len(open_spec(spec)) == 7
+
+
+def test_too_many_shards_is_a_clear_error(lenet):
+    source = DataSource.get(lenet["conf"], is_train=False)
+    with pytest.raises(SourceError, match="23 records cannot fill 30 shards"):
+        source._ranges(30)
+
+
+def test_missing_lmdb_and_non_lmdb_fail(tmp_path, lenet):
+    sp = lenet["conf"].solver_param
+    for lp in sp.net_param.layer:
+        if lp.type == "Data":
+            lp.data_param.source = str(tmp_path)  # a folder without data.mdb
+    with pytest.raises(SourceError, match="is not an LMDB"):
+        DataSource.get(lenet["conf"], is_train=True)
+
+
+def test_table_source_needs_spark(tmp_path, lenet):
+    for lp in lenet["conf"].solver_param.net_param.layer:
+        if lp.type == "Data":
+            lp.data_param.source = str(tmp_path / "x.parquet")
+    with pytest.raises(SourceError, match="needs a SparkSession"):
+        DataSource.get(lenet["conf"], is_train=True)
+
+
+def test_imagedata_becomes_a_data_layer():
+    lp = text_format.Parse(
+        'name: "img" type: "ImageData" top: "data" top: "label" '
+        'image_data_param { source: "l.txt" batch_size: 7 scale: 0.5 crop_size: 3 mirror: true } '
+        "transform_param { scale: 0.25 }",
+        caffe_pb2.LayerParameter(),
+    )
+    out = as_data_layer(lp)
+    assert out.type == "Data" and out.data_param.batch_size == 7
+    assert not out.HasField("image_data_param")
+    assert out.transform_param.scale == 0.25  # transform_param wins over the legacy field
+    assert out.transform_param.crop_size == 3 and out.transform_param.mirror
+
+
+def test_rewrite_net_touches_only_the_phase_asked(lenet):
+    net = lenet["conf"].solver_param.net_param
+    out = rewrite_net(net, "mnist", TRAIN, batch_size=3, prefetch=0)
+    train = [lp for lp in out.layer if lp.type == "Data" and lp.include[0].phase == TRAIN][0]
+    test = [lp for lp in out.layer if lp.type == "Data" and lp.include[0].phase == TEST][0]
+    assert train.data_param.batch_size == 3 and train.data_param.prefetch == 0
+    assert test.data_param.batch_size == 10
+    with pytest.raises(SourceError, match="no data layer 'nope'"):
+        rewrite_net(net, "nope", TRAIN)
+
+
+# --- DataFrame rows -> Datums, Arrow spill --------------------------------------------------
+
+
+def png(img):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_row_converter_accepts_images_raw_pixels_and_datums():
+    img = (np.arange(12, dtype=np.uint8) * 20).reshape(3, 4)
+    cols = ["data", "label", "SampleID", "channels", "height", "width"]
+    conv = RowConverter(cols, "src", None)
+    key, value = conv({"data": png(img), "label": 3, "SampleID": "a"}, 0)
+    d = caffe_pb2.Datum.FromString(value)
+    assert key == b"a" and d.encoded and d.label == 3
+    _, value = conv({"data": img.tobytes(), "label": 1, "channels": 1, "height": 3, "width": 4}, 5)
+    d = caffe_pb2.Datum.FromString(value)
+    assert (d.channels, d.height, d.width, d.label) == (1, 3, 4, 1) and d.data == img.tobytes()
+    datum = array_to_datum(img[None], 9).SerializeToString()
+    key, value = conv({"data": datum, "label": 2}, 7)
+    assert key == b"7" and caffe_pb2.Datum.FromString(value).label == 2
+    with pytest.raises(SourceError, match="neither an encoded image nor a serialized Datum"):
+        conv({"data": b"\x00" * 12, "label": 0}, 1)
+    with pytest.raises(SourceError, match="12 bytes of data but .* 2x3x4 = 24"):
+        conv({"data": img.tobytes(), "label": 0, "channels": 2, "height": 3, "width": 4}, 1)
+    with pytest.raises(SourceError, match="row 4: label 1.5 is not an integer"):
+        conv({"data": png(img), "label": 1.5}, 4)
+
+
+def test_row_converter_resize():
+    img = np.full((6, 8), 100, dtype=np.uint8)
+    conv = RowConverter(["data", "label"], "src", (3, 4))
+    _, value = conv({"data": png(img), "label": 1}, 0)
+    d = caffe_pb2.Datum.FromString(value)
+    assert not d.encoded and (d.channels, d.height, d.width) == (1, 3, 4)
+
+
+def test_looks_encoded():
+    assert looks_encoded(b"\x89PNG\r\n\x1a\n....") and looks_encoded(b"\xff\xd8\xff\xe0")
+    assert not looks_encoded(b"\x08\x01\x10\x1c")
+
+
+def test_arrow_spill_round_trip_and_wrap(tmp_path):
+    records = [(f"k{i}".encode(), bytes([i % 256]) * 3) for i in range(1100)]
+    path = str(tmp_path / "r.arrow")
+    assert write_arrow(path, iter(records)) == 1100
+    src = ArrowRecordSource(path, "spill")
+    assert len(src) == 1100
+    assert src.take(1100) == records
+    assert src.take(2) == records[:2]  # wraps to the first record
+    src.close()
+    shuffled = str(tmp_path / "s.arrow")
+    write_arrow(shuffled, iter(records), shuffle_seed=4)
+    got = ArrowRecordSource(shuffled, "s").take(1100)
+    assert sorted(got) == sorted(records) and got != records
+
+
+# --- inference: every record once, partial last batch ---------------------------------------
+
+
+def test_run_inference_features_cover_every_record(lenet):
+    conf = lenet["conf"]
+    layer = conf.data_layer(TEST)
+    net = rewrite_net(conf.net_param(TEST), layer.name, TEST)
+    spec = {"kind": "lmdb", "path": lenet["lmdb"], "name": "t", "shard": 0, "num": 1}
+    rows = list(
+        run_inference(
+            net.SerializeToString(),
+            layer.name,
+            lenet["weights"].SerializeToString(),
+            open_spec(spec),
+            "features",
+            (["ip2"], "label"),
+        )
+    )
+    assert [r[0] for r in rows] == [f"{i:08d}" for i in range(23)]
+    assert [r[2] for r in rows] == [float(x) for x in lenet["labels"]]
+    ref = Net(conf.net_param(TEST), phase=TEST)
+    ref.copy_from(lenet["weights"])
+    x = lenet["images"].astype(np.float32)[:, None] * np.float32(0.00390625)
+    ref.blobs["data"].reshape(x.shape)
+    ref.blobs["data"].data[...] = x
+    ref.forward_from_to(ref.layer_index("conv1"), ref.layer_index("ip2"))
+    np.testing.assert_allclose([r[1] for r in rows], ref.blobs["ip2"].data, rtol=1e-5, atol=1e-5)
+
+
+def test_run_inference_test_means_weight_batches_by_size(lenet):
+    conf = lenet["conf"]
+    layer = conf.data_layer(TEST)
+    net = rewrite_net(conf.net_param(TEST), layer.name, TEST)
+    spec = {"kind": "lmdb", "path": lenet["lmdb"], "name": "t", "shard": 0, "num": 1}
+    out = {
+        name: (np.asarray(s), n)
+        for name, s, n in run_inference(
+            net.SerializeToString(),
+            layer.name,
+            lenet["weights"].SerializeToString(),
+            open_spec(spec),
+            "test",
+            (),
+        )
+    }
+    assert out["accuracy"][1] == 23
+    full = rewrite_net(conf.net_param(TEST), layer.name, TEST, batch_size=23)
+    ref = Net(full, phase=TEST)
+    ref.copy_from(lenet["weights"])
+    ref.forward()
+    assert out["accuracy"][0][0] / 23 == pytest.approx(float(ref.blobs["accuracy"].data), abs=1e-6)
+    assert out["loss"][0][0] / 23 == pytest.approx(float(ref.blobs["loss"].data), rel=1e-5)
+
+
+def test_lmdb_missing_on_the_executor_names_the_fix(tmp_path):
+    from caffeonspark.sources.lmdb import locate_lmdb
+
+    with pytest.raises(SourceError, match="not on this executor.*sc.addFile"):
+        locate_lmdb(str(tmp_path / "elsewhere_lmdb"), str(tmp_path), "layer 'd'")
