@@ -1,7 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end on the bundled digits: prepare LMDBs, train LeNet, test it.
+# The main job end to end on the bundled digits: spark-submit on a local Spark cluster of two
+# executors (local-cluster[2,1,1024]) trains LeNet with MPI all-reduce, extracts features, tests.
 source "$(dirname "$0")/env.sh"
-python data/prepare_digits.py work
-python -m engine train --solver conf/lenet/lenet_solver.prototxt
-python -m engine test --model conf/lenet/lenet_train_test.prototxt \
-  --weights work/lenet_iter_300.caffemodel --iterations 5
+exec jobs/demo.sh "$@"
