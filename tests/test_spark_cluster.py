@@ -17,7 +17,7 @@ from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource, LaunchEr
 from engine.data import LMDBWriter, array_to_datum
 from engine.proto import caffe_pb2
 
-pytestmark = [pytest.mark.spark, pytest.mark.slow]
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.xdist_group("spark")]
 
 REPO = Path(__file__).resolve().parents[1]
 LENET = REPO / "conf" / "lenet" / "lenet_train_test.prototxt"

@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from engine.data import LMDBWriter, array_to_datum
 from engine.proto import caffe_pb2
 
-pytestmark = [pytest.mark.spark, pytest.mark.slow]
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.xdist_group("spark")]
 
 REPO = Path(__file__).resolve().parents[1]
 
