@@ -1,10 +1,9 @@
 """Whole-net parity with BVLC Caffe: LeNet, CIFAR10-quick/full (TRAIN, batch 4), CaffeNet and
 GoogLeNet (TEST, weights from the numpy recipe), forward and backward."""
 
+import golden
 import numpy as np
 import pytest
-
-import golden
 
 
 @pytest.mark.parametrize("case", golden.cases("nets", ["lenet", "cifar10_quick", "cifar10_full"]))

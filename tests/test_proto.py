@@ -17,9 +17,7 @@ from engine.proto import caffe_pb2
 PROTO_DIR = Path(__file__).resolve().parents[1] / "engine" / "proto"
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
-needs_golden = pytest.mark.skipif(
-    not GOLDEN.is_dir(), reason=f"golden data not found at {GOLDEN}"
-)
+needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden data not found at {GOLDEN}")
 
 
 # ---------------------------------------------------------------------------
@@ -74,9 +72,7 @@ def _strip_json_names(fdp: descriptor_pb2.FileDescriptorProto) -> None:
 
 
 def test_generated_module_is_up_to_date(tmp_path):
-    pytest.importorskip(
-        "grpc_tools", reason="grpcio-tools not installed: cannot regenerate"
-    )
+    pytest.importorskip("grpc_tools", reason="grpcio-tools not installed: cannot regenerate")
     from engine.proto.generate import generate
 
     fresh = generate(tmp_path).read_bytes()
@@ -107,9 +103,7 @@ def test_package_reexport():
     assert engine.proto.caffe_pb2 is caffe_pb2
     assert "caffe_pb2" in engine.proto.__all__
     assert caffe_pb2.DESCRIPTOR.package == "caffe"
-    fdp = descriptor_pb2.FileDescriptorProto.FromString(
-        caffe_pb2.DESCRIPTOR.serialized_pb
-    )
+    fdp = descriptor_pb2.FileDescriptorProto.FromString(caffe_pb2.DESCRIPTOR.serialized_pb)
     assert fdp.syntax in ("", "proto2")
 
 
@@ -547,9 +541,7 @@ _BINARY = _binary_cases()
 
 
 @needs_golden
-@pytest.mark.parametrize(
-    ("path", "cls"), _BINARY, ids=_ids([p for p, _ in _BINARY]) or None
-)
+@pytest.mark.parametrize(("path", "cls"), _BINARY, ids=_ids([p for p, _ in _BINARY]) or None)
 def test_golden_binary_parses(path, cls):
     _check_binary(path, cls)
 

@@ -31,6 +31,7 @@ _TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
 
 _REGISTRY = {}
 
+
 class SolverError(ValueError):
     """A solver configuration or state error, naming the solver file."""
 
