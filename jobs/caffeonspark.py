@@ -1,4 +1,4 @@
-"""spark-submit entry point of CaffeOnSpark: train, extract features and/or test a Caffe net
+r"""spark-submit entry point of CaffeOnSpark: train, extract features and/or test a Caffe net
 on the cluster, with CaffeOnSpark's flags.
 
     spark-submit jobs/caffeonspark.py -train -features ip2 -test \
