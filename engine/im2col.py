@@ -3,18 +3,26 @@ layers, the "phase grid" window layout, and the threading / scratch helpers of v
 
 Exact layout: `col[c, *k, n, *o]`, i.e. a (C * prod(kernel), N * prod(out)) matrix whose rows
 follow Caffe's (c, kh, kw) order and whose columns run over the batch then the output pixels,
-so one GEMM covers the whole batch. The CPU code loops only over kernel offsets (kh * kw
-strided slice copies, each over the whole batch), never over pixels; large copies are split
-over the batch between threads (NumPy releases the GIL while it copies).
+so one GEMM covers the whole batch (or a chunk of it). The CPU code loops only over kernel
+offsets (kh * kw strided slice copies, each over the whole batch), never over pixels; large
+copies are split over the batch between threads (NumPy releases the GIL while it copies).
 
-Phase-grid layout (2-D, `PhaseGrid`): the padded input is split by stride phase into flat
-planes, so the window of every kernel offset is ONE contiguous slice per plane; the output grid
-then has Wq = Wo + (kw-1)*d // s columns per row, the last Wq - Wo of them spare. Copies run
-over long rows (no per-row overhead) at the price of those spare columns.
+Batch-minor layout (`col2im_nlast`): `col[c, *k, *o, n]`, the same matrix with its columns
+permuted so the batch is innermost; window adds then run over rows of Wo * N values instead
+of Wo, which pays when Wo is small (NumPy has a fixed cost per row it touches).
+
+Phase-grid layout (2-D, `PhaseGrid`, used by pooling): the padded input is split by stride
+phase into flat planes, so the window of every kernel offset is ONE contiguous slice per plane;
+the output grid has Wq = Wo + (kw-1)*d // s columns per row, the last Wq - Wo of them spare.
+
+`batched_matmul` runs a stack of small GEMMs side by side on the threads (OpenBLAS set to one
+thread meanwhile, through its C API when NumPy's BLAS is OpenBLAS).
 """
 
+import ctypes
 import itertools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,7 +31,17 @@ from engine import backend
 
 # Below this many elements a copy is not worth handing to threads.
 _PARALLEL_MIN = 1 << 16
+_PREFIX = "engine-batch"
 _pool = {"executor": None, "threads": None}
+
+
+def _forget_pool():
+    # A forked child has none of the parent's threads: start a new pool on first use.
+    _pool["executor"] = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def conv_out_size(size, kernel, pad, stride, dilation=1):
@@ -54,11 +72,16 @@ def parallel_batch(n, fn, size, xp=np):
     """Call fn(n0, n1) over ranges covering [0, n): split between threads when `size`
     (elements touched) is large and the arrays are NumPy; otherwise one call."""
     threads = min(num_threads(), n)
-    if xp is not np or threads < 2 or size < _PARALLEL_MIN:
+    if (
+        xp is not np
+        or threads < 2
+        or size < _PARALLEL_MIN
+        or threading.current_thread().name.startswith(_PREFIX)  # no nesting: run inline
+    ):
         fn(0, n)
         return
     if _pool["executor"] is None:
-        _pool["executor"] = ThreadPoolExecutor(num_threads(), thread_name_prefix="engine-batch")
+        _pool["executor"] = ThreadPoolExecutor(num_threads(), thread_name_prefix=_PREFIX)
     bounds = [n * t // threads for t in range(threads + 1)]
     futures = [
         _pool["executor"].submit(fn, bounds[t], bounds[t + 1])
@@ -68,6 +91,59 @@ def parallel_batch(n, fn, size, xp=np):
     fn(bounds[0], bounds[1])
     for f in futures:
         f.result()
+
+
+def _blas_thread_control():
+    """(set_num_threads, get_num_threads) of the OpenBLAS NumPy loaded, or None (another
+    BLAS, or not Linux): found once in the process's mapped libraries."""
+    if "blas" not in _pool:
+        _pool["blas"] = None
+        names = (
+            "scipy_openblas_{}_num_threads64_",
+            "scipy_openblas_{}_num_threads",
+            "openblas_{}_num_threads64_",
+            "openblas_{}_num_threads",
+        )
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+        except OSError:
+            paths = set()
+        for path in sorted(paths):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for name in names:
+                setter = getattr(lib, name.format("set"), None)
+                getter = getattr(lib, name.format("get"), None)
+                if setter is not None and getter is not None:
+                    setter.argtypes, setter.restype = [ctypes.c_int], None
+                    getter.argtypes, getter.restype = [], ctypes.c_int
+                    _pool["blas"] = (setter, getter)
+                    return _pool["blas"]
+    return _pool["blas"]
+
+
+def batched_matmul(a, b, out):
+    """out[i] = a[i] @ b[i] for stacks of matrices: one GEMM per item, the items split
+    between threads with OpenBLAS single-threaded meanwhile (small GEMMs run better side by
+    side than each one split in two)."""
+    xp = backend.get_array_module(a)
+    n = a.shape[0]
+    control = _blas_thread_control() if xp is np else None
+    if control is None or num_threads() < 2 or n < 2:
+        return xp.matmul(a, b, out=out)
+    set_threads, get_threads = control
+    before = get_threads()
+    set_threads(1)
+    try:
+        parallel_batch(
+            n, lambda i0, i1: np.matmul(a[i0:i1], b[i0:i1], out=out[i0:i1]), _PARALLEL_MIN
+        )
+    finally:
+        set_threads(before)
+    return out
 
 
 def scratch(cache, key, shape, dtype=np.float32, xp=np, fill=None):
@@ -135,7 +211,11 @@ def im2col(x, kernel, pad, stride, dilation, out=None, work=None):
     n_img = x.shape[0]
     out_sp, padded = _geometry(x.shape[2:], kernel, pad, stride, dilation)
     shape = (x.shape[1],) + kernel + (n_img,) + out_sp
-    col = xp.empty(shape, dtype=x.dtype) if out is None else out.reshape(shape)
+    if out is None:
+        col = xp.empty(shape, dtype=x.dtype)
+    else:
+        col = out.view()
+        col.shape = shape  # raises rather than silently writing into a reshaped copy
     use_pad = any(pad)
     if use_pad:
         if work is None:
@@ -286,43 +366,32 @@ def _phase_span(phase, stride, pad, size, limit):
     return y0, y1, y0 * stride + phase - pad
 
 
-def im2col_grid(x, grid, kernel, out, planes):
-    """Columns of x (N, C, H, W) on a PhaseGrid: out (C, kh, kw, N, grid.grid).
-
-    `planes`: (n_phases, C, N, plane) scratch, zero-filled once (only interiors are written).
-    """
-    xp = backend.get_array_module(x)
-    kw = kernel[1]
-    n_img = x.shape[0]
-
-    def run(n0, n1):
-        pv = planes[:, :, n0:n1]
-        grid.split(x[n0:n1].swapaxes(0, 1), pv)
-        for code, k, shift in grid.offsets:
-            i, j = divmod(code, kw)
-            out[:, i, j, n0:n1] = grid.window(pv, k, shift)
-
-    parallel_batch(n_img, run, out.size, xp)
-    return out
+def _nlast(x):
+    """(N, C, *S) -> view (C, *S, N)."""
+    return x.transpose(tuple(range(1, x.ndim)) + (0,))
 
 
-def col2im_grid(col, grid, kernel, out, planes):
-    """Adjoint of im2col_grid: out (N, C, H, W) = summed columns col (C, kh, kw, N, grid.grid).
+def col2im_nlast(col, kernel, pad, stride, dilation, out, work):
+    """`col2im` of batch-minor columns col (C, *kernel, *out_spatial, N): out (N, C, *spatial).
 
-    Columns in the spare grid positions must be 0. `planes`: (n_phases, C, N, plane) scratch.
+    A stride-1 window add then runs over rows of Wo * N values. `work`: (C, *padded, N)
+    scratch. Threads split the channels.
     """
     xp = backend.get_array_module(col)
-    kw = kernel[1]
-    n_img = out.shape[0]
+    kernel, pad, stride, dilation = map(tuple, (kernel, pad, stride, dilation))
+    spatial = tuple(out.shape[2:])
+    out_sp, _ = _geometry(spatial, kernel, pad, stride, dilation)
+    interior = tuple(slice(p, p + s) for p, s in zip(pad, spatial))
+    windows = list(_windows(kernel, stride, dilation, out_sp))
+    dst = _nlast(out)
 
-    def run(n0, n1):
-        pv = planes[:, :, n0:n1]
-        pv[...] = 0
-        for code, k, shift in grid.offsets:
-            i, j = divmod(code, kw)
-            dst = grid.window(pv, k, shift)
-            xp.add(dst, col[:, i, j, n0:n1], out=dst)
-        grid.merge(pv, out[n0:n1].swapaxes(0, 1))
+    def run(c0, c1):
+        w = work[c0:c1]
+        w[...] = 0
+        for offset, win in windows:
+            acc = w[(slice(None),) + win]
+            xp.add(acc, col[(slice(c0, c1),) + offset], out=acc)
+        dst[c0:c1] = w[(slice(None),) + interior]
 
-    parallel_batch(n_img, run, col.size, xp)
+    parallel_batch(out.shape[1], run, col.size, xp)
     return out

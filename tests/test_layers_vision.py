@@ -10,7 +10,7 @@ from gradient_check import check_gradient, make_blobs
 
 from engine import rng as engine_rng
 from engine.blob import Blob
-from engine.im2col import col2im, conv_out_size, im2col
+from engine.im2col import col2im, col2im_nlast, conv_out_size, im2col
 from engine.layer import LayerError, create_layer
 from engine.layers import conv as conv_module
 from engine.layers.pooling import pooled_size
@@ -168,6 +168,17 @@ def test_im2col_matches_reference_and_col2im_is_adjoint(geom):
     )
 
 
+@pytest.mark.parametrize("geom", IM2COL_GEOMS)
+def test_batch_minor_col2im_matches_col2im(geom):
+    x = randn(3, 4, 7, 9)
+    shape = ref_im2col(x, *geom).shape  # (C, kh, kw, N, Ho, Wo)
+    g = randn(*shape, seed=1)
+    padded = (4, 7 + 2 * geom[1][0], 9 + 2 * geom[1][1], 3)
+    work = np.empty(padded, np.float32)
+    dx = col2im_nlast(np.moveaxis(g, 3, -1).copy(), *geom, out=np.empty_like(x), work=work)
+    np.testing.assert_allclose(dx, col2im(g, x.shape, *geom), atol=1e-5)
+
+
 def test_im2col_large_batch_threaded_path_and_buffers():
     # Big enough to be split between threads; compared with a sliding-window reference.
     x = randn(64, 3, 16, 16)
@@ -228,13 +239,6 @@ CONV_CASES = {
 FILLERS = "weight_filler { type: 'gaussian' std: 0.3 } bias_filler { type: 'gaussian' std: 0.3 }"
 
 
-@pytest.fixture(params=["auto", "exact", "grid"], autouse=False)
-def layout(request, monkeypatch):
-    """Run a convolution test with each column layout."""
-    monkeypatch.setattr(conv_module, "LAYOUT", request.param)
-    return request.param
-
-
 def conv_layer(kind, params):
     return make_layer(
         f"name: 'c' type: '{kind}' convolution_param {{ {params} {FILLERS} }}", seed=3
@@ -242,7 +246,7 @@ def conv_layer(kind, params):
 
 
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
-def test_convolution_forward_and_gradient(case, layout):
+def test_convolution_forward_and_gradient(case):
     params, stride, pad, dil, group = CONV_CASES[case]
     layer = conv_layer("Convolution", params)
     x = randn(2, 4, 5, 6)
@@ -256,7 +260,7 @@ def test_convolution_forward_and_gradient(case, layout):
 
 
 @pytest.mark.parametrize("case", ["basic", "pad_stride", "rect", "dilation", "group", "1x1"])
-def test_deconvolution_forward_and_gradient(case, layout):
+def test_deconvolution_forward_and_gradient(case):
     params, stride, pad, dil, group = CONV_CASES[case]
     layer = conv_layer("Deconvolution", params)
     x = randn(2, 4, 3, 4)
@@ -303,22 +307,41 @@ def test_convolution_shared_weights_over_two_bottoms():
     check_gradient(layer, bottom, top)
 
 
-def test_convolution_chunked_batch_matches_single_chunk(monkeypatch, layout):
+@pytest.mark.parametrize("keep", [True, False])
+def test_convolution_chunked_batch_matches_single_chunk(monkeypatch, keep):
+    # Chunks of 2 images, with the forward's columns kept or rebuilt in backward.
     x = randn(5, 3, 6, 6)
     results = []
-    budget = conv_module.COL_BUDGET
-    for _ in range(2):
-        monkeypatch.setattr(conv_module, "COL_BUDGET", budget)
-        layer = conv_layer("Convolution", "num_output: 4 kernel_size: 3 pad: 1 group: 1")
+    for chunked in (False, True):
+        layer = conv_layer("Convolution", "num_output: 4 kernel_size: 3 pad: 1")
+        if chunked:
+            monkeypatch.setattr(conv_module, "COL_BUDGET", 2 * 27 * 36)
+            monkeypatch.setattr(conv_module, "KEEP_BUDGET", conv_module.KEEP_BUDGET * keep)
         bottom, top = setup(layer, x)
         (y,) = run(layer, bottom, top)
         top[0].diff[...] = randn(*y.shape, seed=5)
-        layer.backward(top, [True], bottom)
+        for _ in range(2):  # a second backward accumulates the same weight gradient
+            layer.backward(top, [True], bottom)
         results.append((y, bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
-        budget = 2 * layer.kernel_dim * layer.col_dim  # next round: 2 images per chunk
-    assert layer.chunk == 2
+    assert layer.chunk == 2 and layer.keep_cols == keep
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["basic", "pad_stride", "rect", "dilation", "group"])
+def test_convolution_bottom_gradient_paths_agree(case):
+    # Caffe's column order and the batch-minor one (picked by a cost model) for col2im.
+    params = CONV_CASES[case][0]
+    grads = []
+    for batch_minor in (False, True):
+        layer = conv_layer("Convolution", params)
+        bottom, top = setup(layer, randn(3, 4, 6, 7))
+        (y,) = run(layer, bottom, top)
+        layer.dgrad_nlast = batch_minor
+        top[0].diff[...] = randn(*y.shape, seed=2)
+        layer.backward(top, [True], bottom)
+        grads.append(bottom[0].diff.copy())
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 def test_convolution_3d_and_axis():
@@ -725,3 +748,51 @@ def test_golden(case):
     if case.name == "pool_max_mask":
         expected = np.load(case / "io.npz")["output/mask"]
         np.testing.assert_array_equal(net.blobs["mask"].data, expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Threaded batch splitting
+# ------------------------------------------------------------------------------------------
+def test_parallel_batch_covers_range_nests_and_survives_fork():
+    import os
+    import threading
+
+    from engine.im2col import parallel_batch
+
+    n = 1 << 17
+    hits = np.zeros(n, np.int64)
+    names = set()
+
+    def fn(a, b):
+        names.add(threading.current_thread().name)
+        hits[a:b] += 1
+        parallel_batch(b - a, lambda c, d: None, n)  # nested call runs inline
+
+    parallel_batch(n, fn, n)
+    assert np.all(hits == 1)
+    if not hasattr(os, "fork"):
+        return
+    pid = os.fork()
+    if pid == 0:  # the child must not wait on the parent's (absent) worker threads
+        try:
+            parallel_batch(n, fn, n)
+            os._exit(0 if np.all(hits == 2) else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_batched_matmul_matches_matmul_and_restores_blas_threads():
+    from engine.im2col import _blas_thread_control, batched_matmul
+
+    a = randn(7, 30, 20)
+    b = randn(7, 20, 11, seed=1)
+    control = _blas_thread_control()
+    before = control[1]() if control else None
+    out = batched_matmul(
+        a, b.swapaxes(1, 2).copy().swapaxes(1, 2), np.empty((7, 30, 11), np.float32)
+    )
+    np.testing.assert_array_equal(out, np.matmul(a, b))  # the same GEMM per item, bit for bit
+    if control:
+        assert control[1]() == before

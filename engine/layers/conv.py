@@ -1,30 +1,33 @@
 """Convolution, Deconvolution and Im2col layers over Caffe's BaseConvolutionLayer shape rules.
 
-Whole-batch im2col plus one GEMM per group (Caffe runs one small GEMM per image).
+im2col over the whole batch (cut into ~8 MB chunks of images) and one GEMM per group and chunk
+for the outputs and the bottom gradient, where Caffe runs one small GEMM per image. The weight
+gradient keeps Caffe's per-image accumulation order (dW += dY_n col_n^T, image by image): one
+large GEMM would sum in another float32 order, and training then drifts from Caffe's.
 """
 
 import numpy as np
 
 from engine import backend
 from engine.im2col import (
-    PhaseGrid,
+    batched_matmul,
     col2im,
-    col2im_grid,
+    col2im_nlast,
     conv_out_size,
     im2col,
-    im2col_grid,
     parallel_batch,
     scratch,
 )
 from engine.layer import Layer, register
 
-# Largest column buffer (elements) built at once; bigger batches are cut into chunks of
-# images and, when cut, backward recomputes the columns instead of keeping them.
-COL_BUDGET = 1 << 25
-# Column layout: "auto" picks the phase grid when its spare columns per output row are at
-# most GRID_MAX_SPARE of the row (see _grid_layout); "exact" / "grid" force one.
-LAYOUT = "auto"
-GRID_MAX_SPARE = 0.3
+# Columns are built and used in chunks of images of at most this many elements (8 MB), so
+# they stay in cache between im2col and the GEMMs; the column gradient likewise.
+COL_BUDGET = 1 << 21
+# Up to this many elements (128 MB) the forward's columns of the whole batch are kept for the
+# weight gradient; bigger layers rebuild them chunk by chunk in backward.
+KEEP_BUDGET = 1 << 25
+# Per-image weight-gradient products summed per block of this many elements (cache-sized).
+WGRAD_BLOCK = 1 << 20
 
 
 def conv_geometry(layer, cp, num_spatial):
@@ -129,6 +132,7 @@ class BaseConvolution(Layer):
             self.add_blob((self.num_output,), cp.bias_filler)
         self._buf = {}
         self._col_ready = {}
+        self._shape_key = None
 
     def reshape(self, bottom, top):
         b0 = bottom[0]
@@ -149,43 +153,47 @@ class BaseConvolution(Layer):
             raise self.error(f"output size {out_sp} is not positive for input {b0.shape}")
         for t in top:
             t.reshape(b0.shape[: self.axis] + (self.num_output,) + out_sp)
-        if self.reverse:
-            img_sp, map_sp = out_sp, in_sp
-        else:
-            img_sp, map_sp = in_sp, out_sp
-        key = (self.num, img_sp, map_sp)
-        if key == getattr(self, "_shape_key", None):
+        key = (self.num, in_sp)
+        if key == self._shape_key:
             return
         self._shape_key = key
-        self.img_spatial, self.map_spatial = img_sp, map_sp
-        self.img_dim = int(np.prod(img_sp))
-        self.map_dim = int(np.prod(map_sp))
+        if self.reverse:
+            self.img_spatial, self.map_spatial = out_sp, in_sp
+        else:
+            self.img_spatial, self.map_spatial = in_sp, out_sp
+        self.img_dim = int(np.prod(self.img_spatial))
+        self.map_dim = int(np.prod(self.map_spatial))
         self.kernel_dim = self.img_channels * int(np.prod(self.kernel))
-        self.grid = None
-        if not self.is_1x1 and self._grid_layout():
-            self.grid = PhaseGrid(img_sp, self.kernel, self.stride, self.pad, self.dilation, map_sp)
-        # Columns per image: the output pixels, or the phase grid's (with spare columns).
-        self.col_dim = self.grid.grid if self.grid is not None else self.map_dim
-        per_image = max(self.kernel_dim, self.map_channels) * self.col_dim
-        self.chunk = max(1, min(self.num, COL_BUDGET // max(per_image, 1)))
+        per_image = max(self.kernel_dim, self.map_channels) * self.map_dim
+        most = max(1, COL_BUDGET // max(per_image, 1))
+        pieces = -(-self.num // most)
+        self.chunk = -(-self.num // pieces)  # equal chunks
+        self.dgrad_nlast = not self.is_1x1 and self._batch_minor_wins(pieces)
+        self.keep_cols = self.kernel_dim * self.num * self.map_dim <= KEEP_BUDGET
         self._buf = {}
         self._col_ready = {}
 
-    def _grid_layout(self):
-        """Whether to use the phase-grid column layout (2-D only): its copies are contiguous,
-        the exact layout's GEMMs have no spare columns."""
-        if self.num_spatial != 2 or LAYOUT == "exact":
-            return False
-        if LAYOUT == "grid":
-            return True
-        wo = self.map_spatial[1]
-        spare = ((self.kernel[1] - 1) * self.dilation[1]) // self.stride[1]
-        return spare <= GRID_MAX_SPARE * wo
+    def _batch_minor_wins(self, pieces):
+        """Whether col2im for the bottom gradient should run on batch-minor columns.
+
+        NumPy pays ~12 ns per row in col2im's strided adds: Caffe's column order has
+        K * N * Ho rows of Wo values, batch-minor K * Ho rows of Wo * m values (stride 1) per
+        chunk, at the price of transposing the top diff (~3 ns a value) and the result
+        (~0.6 ns a value).
+        """
+        lead = int(np.prod(self.map_spatial[:-1]))
+        last = self.map_spatial[-1] if self.stride[-1] > 1 else 1
+        exact = 12 * self.kernel_dim * self.num * lead
+        nlast = 12 * self.kernel_dim * lead * last * pieces
+        nlast += self.num * (
+            3 * self.map_channels * self.map_dim + self.img_channels * self.img_dim
+        )
+        return nlast < exact
 
     def output_spatial(self, in_sp):
         raise NotImplementedError
 
-    # --- building blocks, whole batch (or chunks of it) -------------------------------------
+    # --- building blocks over chunks of the batch --------------------------------------------
     def _chunks(self):
         return [(n0, min(self.num, n0 + self.chunk)) for n0 in range(0, self.num, self.chunk)]
 
@@ -196,94 +204,81 @@ class BaseConvolution(Layer):
         return self.kernel, self.pad, self.stride, self.dilation
 
     def _matrix(self, name, rows, m, xp):
-        """A (rows, m * col_dim) work matrix kept between calls."""
-        return scratch(self._buf, (name, m), (rows, m * self.col_dim), xp=xp)
+        """A (rows, m * map_dim) work matrix kept between calls."""
+        return scratch(self._buf, (name, m), (rows, m * self.map_dim), xp=xp)
 
-    def _columns(self, img, slot):
-        """im2col of img (m, C_img, *img_spatial) into the slot's buffer, as (K, m * cols)."""
+    def _padded(self, name, m, xp, fill=None):
+        padded = tuple(s + 2 * p for s, p in zip(self.img_spatial, self.pad))
+        return scratch(self._buf, (name, m), (self.img_channels, m) + padded, xp=xp, fill=fill)
+
+    def _columns(self, img, slot, n0=None):
+        """im2col of img (m, C_img, *img_spatial): (K, m * P). With `n0` (forward) and
+        `keep_cols`, written into the slot's whole-batch matrix at images n0:n0+m (kept for
+        backward); else into a chunk buffer."""
         xp = backend.get_array_module(img)
         m = img.shape[0]
-        col = self._matrix(("col", slot), self.kernel_dim, m, xp)
-        if self.grid is not None:
-            g = self.grid
-            planes = scratch(
-                self._buf,
-                ("planes", m),
-                (g.num_phases, self.img_channels, m, g.plane),
-                xp=xp,
-                fill=0,
-            )
-            im2col_grid(img, g, self.kernel, col.reshape(self._col5(m)), planes)
-            return col
-        work = None
-        if any(self.pad):
-            pshape = (self.img_channels, m) + tuple(
-                s + 2 * p for s, p in zip(self.img_spatial, self.pad)
-            )
-            work = scratch(self._buf, ("pad", m), pshape, xp=xp, fill=0)
+        if n0 is not None and self.keep_cols:
+            shape = (self.kernel_dim, self.num * self.map_dim)
+            full = scratch(self._buf, ("cols", slot), shape, xp=xp)
+            col = full[:, n0 * self.map_dim : (n0 + m) * self.map_dim]
+        else:
+            col = self._matrix(("col", slot), self.kernel_dim, m, xp)
+        work = self._padded("pad", m, xp, fill=0) if any(self.pad) else None
         im2col(img, *self._geom(), out=col, work=work)
         return col
 
-    def _col5(self, m):
-        return (self.img_channels,) + self.kernel + (m, self.col_dim)
-
     def _uncolumns(self, col, out):
-        """col2im of col (K, m * cols) into out (m, C_img, *img_spatial), overwriting it."""
-        xp = backend.get_array_module(col)
-        m = out.shape[0]
-        if self.grid is not None:
-            g = self.grid
-            planes = scratch(
-                self._buf, ("dplanes", m), (g.num_phases, self.img_channels, m, g.plane), xp=xp
-            )
-            col2im_grid(col.reshape(self._col5(m)), g, self.kernel, out, planes)
-            return
-        pshape = (self.img_channels, m) + tuple(
-            s + 2 * p for s, p in zip(self.img_spatial, self.pad)
-        )
-        work = scratch(self._buf, ("acc", m), pshape, xp=xp)
+        """col2im of col (K, m * P) into out (m, C_img, *img_spatial), overwriting it."""
+        work = self._padded("acc", out.shape[0], backend.get_array_module(col))
         col2im(col, out.shape, *self._geom(), out=out, work=work)
 
-    def _rows_view(self, rows, m):
-        """(C_map, m, *map_spatial) view of a rows matrix: the exact columns, or the grid's
-        columns with its spare ones cropped."""
-        if self.grid is not None:
-            return self.grid.crop(rows.reshape(self.map_channels, m, self.col_dim))
-        return rows.reshape((self.map_channels, m) + self.map_spatial)
+    def _uncolumns_nlast(self, col, out):
+        """col2im of batch-minor columns col (K, P * m) into out (m, C_img, *img_spatial)."""
+        xp = backend.get_array_module(col)
+        m = out.shape[0]
+        padded = tuple(s + 2 * p for s, p in zip(self.img_spatial, self.pad))
+        work = scratch(self._buf, ("nacc", m), (self.img_channels,) + padded + (m,), xp=xp)
+        shape = (self.img_channels,) + self.kernel + self.map_spatial + (m,)
+        col2im_nlast(col.reshape(shape), *self._geom(), out=out, work=work)
 
-    def _to_rows(self, maps, key):
-        """maps (m, C_map, P) -> rows (C_map, m * cols), a transposed copy (spare grid
-        columns zeroed) in a buffer."""
+    def _to_rows_nlast(self, maps, key):
+        """maps (m, C_map, P) -> rows (C_map, P * m): batch-minor, a transposed copy."""
         xp = backend.get_array_module(maps)
         m = maps.shape[0]
         rows = self._matrix(key, self.map_channels, m, xp)
-        view = self._rows_view(rows, m)
-        src = maps.reshape((m, self.map_channels) + self.map_spatial)
-        if self.grid is not None:
-            rows.reshape(self.map_channels, m, self.map_spatial[0], self.grid.wq)[
-                ..., self.map_spatial[1] :
-            ] = 0
+        r3 = rows.reshape(self.map_channels, self.map_dim, m)
+
+        def run(c0, c1):  # threads split the channels: each writes whole rows
+            r3[c0:c1] = maps[:, c0:c1].transpose(1, 2, 0)
+
+        parallel_batch(self.map_channels, run, maps.size, xp)
+        return rows
+
+    def _to_rows(self, maps, key):
+        """maps (m, C_map, P) -> rows (C_map, m * P), a transposed copy in a buffer."""
+        xp = backend.get_array_module(maps)
+        m = maps.shape[0]
+        rows = self._matrix(key, self.map_channels, m, xp)
+        r3 = rows.reshape(self.map_channels, m, self.map_dim)
 
         def run(n0, n1):
-            view[:, n0:n1] = src[n0:n1].swapaxes(0, 1)
+            r3[:, n0:n1] = maps[n0:n1].swapaxes(0, 1)
 
         parallel_batch(m, run, maps.size, xp)
         return rows
 
     def _from_rows(self, rows, out, bias=None):
-        """rows (C_map, m * cols) -> out (m, C_map, P), adding bias (C_map,) when given."""
+        """rows (C_map, m * P) -> out (m, C_map, P), adding bias (C_map,) when given."""
         xp = backend.get_array_module(rows)
         m = out.shape[0]
-        view = self._rows_view(rows, m)
-        dst = out.reshape((m, self.map_channels) + self.map_spatial)
-        b = None if bias is None else bias.reshape((-1,) + (1,) * self.num_spatial)
+        r3 = rows.reshape(self.map_channels, m, self.map_dim)
 
         def run(n0, n1):
-            src = view[:, n0:n1].swapaxes(0, 1)
-            if b is None:
-                dst[n0:n1] = src
+            src = r3[:, n0:n1].swapaxes(0, 1)
+            if bias is None:
+                out[n0:n1] = src
             else:
-                xp.add(src, b, out=dst[n0:n1])
+                xp.add(src, bias[:, None], out=out[n0:n1])
 
         parallel_batch(m, run, out.size, xp)
 
@@ -312,22 +307,62 @@ class BaseConvolution(Layer):
         for w, r, c in zip(self._weights(), self._groups(rows, mg), self._groups(col, kg)):
             xp.matmul(w.T, r, out=c)
 
-    def _weight_grad(self, rows, col):
-        """blobs[0].diff += rows @ col^T, per group."""
+    def _weight_grad(self, maps, cols):
+        """blobs[0].diff += sum_n maps[n] @ cols[n]^T, added image by image in Caffe's order.
+
+        maps (m, C_map, P), cols (m, K, P) (views). Each image's product is one GEMM, computed
+        transposed ((K, P) @ (P, C_map): the faster orientation here, bitwise the same sums);
+        the images are split between threads.
+        """
+        xp = backend.get_array_module(maps)
+        m = maps.shape[0]
         kg = self.kernel_dim // self.group
         mg = self.map_channels // self.group
         dw = self.blobs[0].diff.reshape(self.map_channels, -1)
-        for d, r, c in zip(self._groups(dw, mg), self._groups(rows, mg), self._groups(col, kg)):
-            d += r @ c.T
+        # parts[0] = dW^T so far, parts[1 + i] = the product of image n0 + i: summing over the
+        # first axis adds them one after the other (NumPy reduces an outer axis in order),
+        # i.e. ((dW + G_0) + G_1) + ... exactly as Caffe accumulates. Blocks of images keep
+        # the parts in cache.
+        block = max(2, min(m, WGRAD_BLOCK // max(kg * mg, 1)))
+        parts = scratch(self._buf, ("wgrad", block), (block + 1, kg, mg), xp=xp)
+        for g in range(self.group):
+            c = cols[:, g * kg : (g + 1) * kg]
+            a = maps[:, g * mg : (g + 1) * mg].swapaxes(1, 2)
+            dwt = dw[g * mg : (g + 1) * mg].T
+            total = parts[0]
+            total[...] = dwt
+            for n0 in range(0, m, block):
+                n1 = min(m, n0 + block)
+                p = parts[: n1 - n0 + 1]
+                batched_matmul(c[n0:n1], a[n0:n1], p[1:])
+                xp.add.reduce(p, axis=0, out=total)
+            dwt[...] = total
 
-    # 1x1, stride 1, no pad: the image itself is the column matrix of each picture.
+    def _col_images(self, col, m):
+        """(m, K, P) view of a (K, m * P) column matrix."""
+        return col.reshape(self.kernel_dim, m, self.map_dim).swapaxes(0, 1)
+
+    def _bias_grad(self, top_diff3):
+        """bias.diff += per-image sums of the top diff (N, C_out, P), image by image."""
+        if not (self.bias_term and self.param_propagate(1)):
+            return
+        xp = backend.get_array_module(top_diff3)
+        ones = scratch(self._buf, "ones", (top_diff3.shape[2],), xp=xp, fill=1.0)
+        sums = xp.matmul(top_diff3, ones)  # (N, C_out): one GEMV per image, like Caffe
+        db = self.blobs[1].diff
+        for n in range(sums.shape[0]):
+            db += sums[n]
+
+    # 1x1, stride 1, no pad: each picture is its own column matrix.
     def _map_from_img_1x1(self, img3, out3):
         xp = backend.get_array_module(img3)
+        if self.group == 1:
+            xp.matmul(self._weights()[0], img3, out=out3)
+            return
         cg = self.img_channels // self.group
         mg = self.map_channels // self.group
         for g, w in enumerate(self._weights()):
-            res = xp.matmul(w, img3[:, g * cg : (g + 1) * cg])
-            out3[:, g * mg : (g + 1) * mg] = res
+            out3[:, g * mg : (g + 1) * mg] = xp.matmul(w, img3[:, g * cg : (g + 1) * cg])
 
     def _img_from_map_1x1(self, map3, out3):
         xp = backend.get_array_module(map3)
@@ -335,20 +370,6 @@ class BaseConvolution(Layer):
         mg = self.map_channels // self.group
         for g, w in enumerate(self._weights()):
             out3[:, g * cg : (g + 1) * cg] = xp.matmul(w.T, map3[:, g * mg : (g + 1) * mg])
-
-    def _weight_grad_1x1(self, map3, img3):
-        xp = backend.get_array_module(map3)
-        cg = self.img_channels // self.group
-        mg = self.map_channels // self.group
-        dw = self.blobs[0].diff.reshape(self.map_channels, -1)
-        for g in range(self.group):
-            a = map3[:, g * mg : (g + 1) * mg]
-            b = img3[:, g * cg : (g + 1) * cg]
-            dw[g * mg : (g + 1) * mg] += xp.matmul(a, b.swapaxes(1, 2)).sum(axis=0)
-
-    def _bias_grad(self, top_diff3):
-        if self.bias_term and self.param_propagate(1):
-            self.blobs[1].diff[...] += top_diff3.sum(axis=(0, 2))
 
 
 @register("Convolution")
@@ -378,12 +399,14 @@ class Convolution(BaseConvolution):
                 continue
             chunks = self._chunks()
             for n0, n1 in chunks:
-                col = self._columns(img[n0:n1], slot)
-                rows = self._matrix("rows", self.num_output, n1 - n0, backend.get_array_module(col))
+                col = self._columns(img[n0:n1], slot, n0)
+                xp = backend.get_array_module(col)
+                rows = self._matrix("rows", self.num_output, n1 - n0, xp)
                 self._map_from_col(col, rows)
                 self._from_rows(rows, out[n0:n1], bias)
-            # With one chunk the columns stay valid for backward (the bottom is unchanged).
-            self._col_ready[slot] = len(chunks) == 1
+            # Columns still valid for backward (the bottom does not change in between): all
+            # of them, or the last chunk's.
+            self._col_ready[slot] = "all" if self.keep_cols else chunks[-1]
 
     def backward(self, top, propagate_down, bottom):
         need_w = self.param_propagate(0)
@@ -398,23 +421,32 @@ class Convolution(BaseConvolution):
             if self.is_1x1:
                 img3 = img.reshape(self.num, self.channels, -1)
                 if need_w:
-                    self._weight_grad_1x1(dmap, img3)
+                    self._weight_grad(dmap, img3)
                 if need_x:
                     self._img_from_map_1x1(dmap, dimg.reshape(self.num, self.channels, -1))
                 continue
-            chunks = self._chunks()
-            for n0, n1 in chunks:
-                rows = self._to_rows(dmap[n0:n1], "drows")
-                if self._col_ready.get(slot) and len(chunks) == 1:
-                    col = self._buf[(("col", slot), n1 - n0)]
+            for n0, n1 in reversed(self._chunks()):
+                m = n1 - n0
+                xp = backend.get_array_module(img)
+                ready = self._col_ready.get(slot)
+                if ready == "all":
+                    full = self._buf[("cols", slot)]
+                    col = full[:, n0 * self.map_dim : n1 * self.map_dim]
+                elif ready == (n0, n1):
+                    col = self._buf[(("col", slot), m)]
                 else:
                     col = self._columns(img[n0:n1], slot)
+                    self._col_ready[slot] = (n0, n1)
                 if need_w:
-                    self._weight_grad(rows, col)
+                    self._weight_grad(dmap[n0:n1], self._col_images(col, m))
                 if need_x:
-                    self._col_ready[slot] = False
-                    self._col_from_map(rows, col)
-                    self._uncolumns(col, dimg[n0:n1])
+                    dcol = self._matrix("dcol", self.kernel_dim, m, xp)
+                    if self.dgrad_nlast:
+                        self._col_from_map(self._to_rows_nlast(dmap[n0:n1], "drows"), dcol)
+                        self._uncolumns_nlast(dcol, dimg[n0:n1])
+                    else:
+                        self._col_from_map(self._to_rows(dmap[n0:n1], "drows"), dcol)
+                        self._uncolumns(dcol, dimg[n0:n1])
 
 
 @register("Deconvolution")
@@ -464,18 +496,17 @@ class Deconvolution(BaseConvolution):
             if self.is_1x1:
                 dtop3 = dtop.reshape(self.num, self.num_output, -1)
                 if need_w:
-                    self._weight_grad_1x1(x, dtop3)
+                    self._weight_grad(x, dtop3)
                 if need_x:
                     self._map_from_img_1x1(dtop3, dx)
                 continue
             for n0, n1 in self._chunks():
+                m = n1 - n0
                 col = self._columns(dtop[n0:n1], 0)
                 if need_w:
-                    self._weight_grad(self._to_rows(x[n0:n1], "drows"), col)
+                    self._weight_grad(x[n0:n1], self._col_images(col, m))
                 if need_x:
-                    rows = self._matrix(
-                        "rows", self.channels, n1 - n0, backend.get_array_module(col)
-                    )
+                    rows = self._matrix("rows", self.channels, m, backend.get_array_module(col))
                     self._map_from_col(col, rows)
                     self._from_rows(rows, dx[n0:n1])
 

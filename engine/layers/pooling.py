@@ -16,6 +16,8 @@ from engine.rng import rng
 
 _PP = caffe_pb2.PoolingParameter
 _FLT_MIN = float(np.finfo(np.float32).min)  # Caffe's -FLT_MAX
+# Phase-plane bytes processed per block (all kernel offsets run on a block while it is cached).
+POOL_BLOCK_BYTES = 1 << 20
 
 
 def pooled_size(size, kernel, pad, stride, ceil_mode=True, clip=None):
@@ -161,11 +163,26 @@ class Pooling(Layer):
         kk = self._plan.kernel[0] * self._plan.kernel[1] + 1
         return np.int8 if kk < 127 else (np.int16 if kk < 32767 else np.int32)
 
+    def _each_block(self, fn, xp):
+        """fn(n0, n1) over row blocks of the NC planes, small enough to stay in cache across
+        all kernel offsets (~256 KB of phase planes), split between threads."""
+        plan = self._plan
+        block = max(16, POOL_BLOCK_BYTES // (4 * len(plan.phases) * plan.plane))
+
+        def run(r0, r1):
+            for n0 in range(r0, r1, block):
+                fn(n0, min(r1, n0 + block))
+
+        parallel_batch(self.nc, run, self.nc * plan.plane * len(plan.phases), xp)
+
+    def _plane_buffer(self, xp, fill):
+        plan = self._plan
+        shape = (len(plan.phases), self.nc, plan.plane)
+        return scratch(self._buf, ("planes", fill), shape, xp=xp, fill=fill)
+
     def _planes(self, x3, xp, fill):
         plan = self._plan
-        planes = scratch(
-            self._buf, ("planes", fill), (len(plan.phases), self.nc, plan.plane), xp=xp, fill=fill
-        )
+        planes = self._plane_buffer(xp, fill)
         parallel_batch(self.nc, lambda n0, n1: plan.split(x3, planes, n0, n1), x3.size, xp)
         return planes
 
@@ -177,12 +194,14 @@ class Pooling(Layer):
         g = grid.reshape(self.nc, plan.ho, plan.wq)[:, :, : plan.wo]
         out3[...] = g.reshape(out3.shape)
 
-    def _dy_grid(self, dy, xp, scale=None):
-        """Top diff on the output grid (zeros in the spare columns), optionally / divisor."""
+    def _dy_grid(self, dy, xp, scale=None, n0=0, n1=None):
+        """Rows n0:n1 of the top diff on the output grid (zeros in the spare columns),
+        optionally divided by `scale`; returns the whole grid array."""
         plan = self._plan
+        n1 = self.nc if n1 is None else n1
         g = self._grid("dgrid", xp)
-        g3 = g.reshape(self.nc, plan.ho, plan.wq)
-        dy3 = dy.reshape(self.nc, plan.ho, plan.wo)
+        g3 = g.reshape(self.nc, plan.ho, plan.wq)[n0:n1]
+        dy3 = dy.reshape(self.nc, plan.ho, plan.wo)[n0:n1]
         if scale is None:
             g3[:, :, : plan.wo] = dy3
         else:
@@ -191,7 +210,8 @@ class Pooling(Layer):
         return g
 
     def _scatter(self, dx3, xp, body):
-        """Run body(dplanes, n0, n1) to accumulate into zeroed phase planes, then merge."""
+        """Run body(dplanes, n0, n1) to accumulate into zeroed phase planes, then merge, per
+        block of rows."""
         plan = self._plan
         dplanes = scratch(self._buf, "dplanes", (len(plan.phases), self.nc, plan.plane), xp=xp)
 
@@ -200,7 +220,7 @@ class Pooling(Layer):
             body(dplanes, n0, n1)
             plan.merge(dplanes, dx3, n0, n1)
 
-        parallel_batch(self.nc, run, dplanes.size, xp)
+        self._each_block(run, xp)
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, bottom, top):
@@ -215,20 +235,24 @@ class Pooling(Layer):
         if self.method == _PP.MAX:
             self._forward_max(x3, y, top, xp)
         elif self.method == _PP.AVE:
-            planes = self._planes(x3, xp, 0.0)
+            planes = self._plane_buffer(xp, 0.0)
             acc = self._grid("acc", xp)
+            y3 = y.reshape(self.nc, plan.ho, plan.wo)
+            divisor = xp.asarray(plan.divisor)
 
             def run(n0, n1):
+                plan.split(x3, planes, n0, n1)
+                a = acc[n0:n1]
                 for n, (_, k, shift) in enumerate(plan.offsets):
                     v = plan.window(planes, k, shift, n0, n1)
                     if n == 0:
-                        acc[n0:n1] = v
+                        a[...] = v
                     else:
-                        xp.add(acc[n0:n1], v, out=acc[n0:n1])
+                        xp.add(a, v, out=a)
+                g = a.reshape(n1 - n0, plan.ho, plan.wq)[:, :, : plan.wo]
+                xp.divide(g, divisor, out=y3[n0:n1])
 
-            parallel_batch(self.nc, run, acc.size * len(plan.offsets), xp)
-            g = acc.reshape(self.nc, plan.ho, plan.wq)[:, :, : plan.wo]
-            xp.divide(g, xp.asarray(plan.divisor), out=y.reshape(g.shape))
+            self._each_block(run, xp)
         elif self.method == _PP.STOCHASTIC:
             self._forward_stochastic(x3, y, xp)
         else:
@@ -250,17 +274,19 @@ class Pooling(Layer):
 
     def _forward_max(self, x3, y, top, xp):
         plan = self._plan
-        planes = self._planes(x3, xp, float("-inf"))
+        planes = self._plane_buffer(xp, float("-inf"))
         best = self._grid("best", xp)
         code = self._grid("code", xp, self._code_dtype())
         mask = self._grid("mask", xp, bool)
         tmp = self._grid("tcode", xp, self._code_dtype())
         ctype = code.dtype.type
+        y3 = y.reshape(self.nc, plan.ho, plan.wo)
 
         # Masked writes (copyto/where) are slow on random masks; use plain arithmetic:
         # codes grow along the scan, so code = max(code, (v > best) * (c + 1)) keeps the
         # first strict maximum, as Caffe's `if (x > top)` scan does.
         def run(n0, n1):
+            plan.split(x3, planes, n0, n1)
             b, c, m, t = best[n0:n1], code[n0:n1], mask[n0:n1], tmp[n0:n1]
             b[...] = _FLT_MIN
             c[...] = 0
@@ -270,9 +296,9 @@ class Pooling(Layer):
                 xp.fmax(b, v, out=b)
                 xp.multiply(m, ctype(cc + 1), out=t)
                 xp.maximum(c, t, out=c)
+            y3[n0:n1] = b.reshape(n1 - n0, plan.ho, plan.wq)[:, :, : plan.wo]
 
-        parallel_batch(self.nc, run, best.size * len(plan.offsets), xp)
-        self._to_output(best, y.reshape(self.nc, plan.ho, plan.wo))
+        self._each_block(run, xp)
         if len(top) > 1:
             self._write_mask(code, top[1].data, xp)
 
@@ -340,9 +366,10 @@ class Pooling(Layer):
                 dx2[rows, code[rows] - 1] = dy1[rows]
             return
         if self.method == _PP.AVE:
-            g = self._dy_grid(dy, xp, xp.asarray(plan.divisor))
+            divisor = xp.asarray(plan.divisor)
 
             def body(dplanes, n0, n1):
+                g = self._dy_grid(dy, xp, divisor, n0, n1)
                 for _, k, shift in plan.offsets:
                     dst = plan.window(dplanes, k, shift, n0, n1)
                     xp.add(dst, g[n0:n1], out=dst)
@@ -350,21 +377,38 @@ class Pooling(Layer):
         elif self.method == _PP.STOCHASTIC and self.phase == caffe_pb2.TEST:
             body = self._stochastic_test_body(dy, xp)
         else:  # MAX, and STOCHASTIC in TRAIN: the gradient goes to the chosen position
-            g = self._dy_grid(dy, xp)
-            code = self._grid("code", xp, self._code_dtype())
-            sel = self._grid("bmask", xp, bool)
-            part = self._grid("part", xp)
-            ctype = code.dtype.type
-
-            def body(dplanes, n0, n1):
-                m, gp, c, gg = sel[n0:n1], part[n0:n1], code[n0:n1], g[n0:n1]
-                for cc, k, shift in plan.offsets:
-                    xp.equal(c, ctype(cc + 1), out=m)
-                    xp.multiply(gg, m, out=gp)
-                    dst = plan.window(dplanes, k, shift, n0, n1)
-                    xp.add(dst, gp, out=dst)
-
+            # One scatter-add over the outputs in order, as Caffe's mask loop does (faster
+            # than a pass per kernel offset).
+            idx, dy_flat = self._chosen_index(dy, xp)
+            dx_flat = dx3.reshape(-1)
+            dx_flat[...] = 0
+            xp.add.at(dx_flat, idx, dy_flat)
+            return
         self._scatter(dx3, xp, body)
+
+    def _chosen_index(self, dy, xp):
+        """Flat bottom index of each output's chosen (argmax / sampled) input, and the top
+        diff to add there (0 where a window had no candidate, Caffe's mask -1)."""
+        plan = self._plan
+        code = self._grid("code", xp, self._code_dtype())
+        c = code.reshape(self.nc, plan.ho, plan.wq)[:, :, : plan.wo]
+        itype = np.int32 if self.nc * plan.height * plan.width < 2**31 else np.int64
+        key = ("origin", itype)
+        origin = self._buf.get(key)
+        if origin is None or origin.shape[0] != self.nc:
+            # flat index of every window's (0, 0) cell: plane * H * W + h0 * W + w0
+            planes = np.arange(self.nc, dtype=np.int64)[:, None, None] * plan.height * plan.width
+            start = plan.base_h * plan.width + plan.base_w
+            origin = self._buf[key] = xp.asarray((planes + start).astype(itype))
+        offset = xp.asarray((plan.code_h * plan.width + plan.code_w).astype(itype))
+        idx = xp.take(offset, c)  # code -> i * W + j
+        idx += origin
+        dy_flat = dy.reshape(-1)
+        missing = c == 0
+        if missing.any():
+            idx = xp.where(missing, origin, idx)
+            dy_flat = xp.where(missing.reshape(-1), 0, dy_flat)
+        return idx.reshape(-1), dy_flat
 
     def _stochastic_test_body(self, dy, xp):
         # d/dx_q [sum x^2 / sum x] = (2 x_q - y) / sum x (0 where sum x <= 0).
