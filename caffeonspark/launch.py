@@ -352,6 +352,7 @@ def mpiexec_path():
 def worker_env(threads, connection):
     """The worker's environment: import path of this task, BLAS threads, MPI transport."""
     from caffeonspark.comm.mpi import transport_env
+    from engine import BLAS_ENV_DEFAULTS
 
     env = dict(os.environ)
     paths = [p for p in sys.path if p]
@@ -360,6 +361,8 @@ def worker_env(threads, connection):
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
+    for var, value in BLAS_ENV_DEFAULTS.items():
+        env.setdefault(var, value)
     transport, warning = transport_env(connection)
     env.update(transport)
     return env, warning
