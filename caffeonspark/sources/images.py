@@ -13,6 +13,8 @@ from caffeonspark.sources import DataSource, SourceError
 from caffeonspark.sources.dataframe import ArrowLocalizer
 from engine.data import images
 from engine.data.datum import image_to_datum
+from engine.data.images import parse_image_list
+from engine.data.sources import DataSourceError
 
 
 class ImageListSource(DataSource):
@@ -68,25 +70,12 @@ class ImageListSource(DataSource):
 
 
 def read_list(uri, name):
-    """[(file, label)] from a list file of '<file> <label>' lines."""
+    """[(file, label)] from a list file of '<file> <label>' lines (any storage URI)."""
     try:
         text = storage.read_bytes(uri, "image list").decode("utf-8")
-    except storage.StorageError as e:
+        return [(file, label) for file, label, _ in parse_image_list(text, uri)]
+    except (storage.StorageError, DataSourceError) as e:
         raise SourceError(f"{name}: {e}") from None
-    lines = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        file, sep, label = line.rstrip().rpartition(" ")
-        try:
-            if not sep or not file:
-                raise ValueError
-            lines.append((file, int(label)))
-        except ValueError:
-            raise SourceError(f"{uri}:{i}: expected '<file> <label>', got {line!r}") from None
-    if not lines:
-        raise SourceError(f"{name}: image list {uri} is empty")
-    return lines
 
 
 def load_image(path, is_color, size, name):

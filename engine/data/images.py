@@ -234,3 +234,38 @@ def hwc_to_chw(img, copy=True):
     """H x W x C (cv::Mat order) to C x H x W (Caffe's blob order); copy=False: a view."""
     chw = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
     return np.ascontiguousarray(chw) if copy else chw
+
+
+def parse_image_list(text, source):
+    """[(file, label, line number)] from the '<file> <label>' lines of a Caffe image list
+    (convert_imageset, ImageData); the file name may contain spaces. Errors name the line."""
+    from engine.data.sources import DataSourceError
+
+    lines = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        name, sep, label = line.rstrip().rpartition(" ")
+        try:
+            if not sep or not name:
+                raise ValueError
+            lines.append((name, int(label), i))
+        except ValueError:
+            raise DataSourceError(
+                f"{source}:{i}: expected '<file> <label>', got {line!r}"
+            ) from None
+    if not lines:
+        raise DataSourceError(f"{source}: image list is empty")
+    return lines
+
+
+def read_image_list(path):
+    """parse_image_list of a local list file."""
+    from engine.data.sources import DataSourceError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise DataSourceError(f"{path}: cannot read image list: {e.strerror}") from None
+    return parse_image_list(text, path)

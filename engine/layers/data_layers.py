@@ -199,7 +199,7 @@ class ImageData(_BatchLayer):
             raise self.error("new_height and new_width must be set together")
         rng = _layer_rng()
         try:
-            lines = _read_image_list(ip.source)
+            lines = images.read_image_list(ip.source)
             source = _ImageListSource(lines, ip.source, rng if ip.shuffle else None)
             transformer = DataTransformer(
                 _transform_param(self.param, ip), self.phase, rng, f"layer {self.name!r}"
@@ -223,28 +223,6 @@ class ImageData(_BatchLayer):
         if len(top) > 1:
             top[1].reshape((ip.batch_size,))
         self._start(batcher, int(self.param.data_param.prefetch), source)
-
-
-def _read_image_list(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read().splitlines()
-    except OSError as e:
-        raise DataSourceError(f"{path}: cannot read image list: {e.strerror}") from None
-    lines = []
-    for i, line in enumerate(text, 1):
-        if not line.strip():
-            continue
-        name, sep, label = line.rstrip().rpartition(" ")
-        try:
-            if not sep or not name:
-                raise ValueError
-            lines.append((name, int(label), i))
-        except ValueError:
-            raise DataSourceError(f"{path}:{i}: expected '<file> <label>', got {line!r}") from None
-    if not lines:
-        raise DataSourceError(f"{path}: image list is empty")
-    return lines
 
 
 class _ImageListSource(ListSource):

@@ -42,27 +42,6 @@ def flags():
     return p
 
 
-def read_list(path):
-    """[(file, label)] from '<file> <label>' lines (the file name may contain spaces)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read().splitlines()
-    except OSError as e:
-        raise DataSourceError(f"{path}: cannot read list file: {e.strerror}") from None
-    lines = []
-    for i, line in enumerate(text, 1):
-        if not line.strip():
-            continue
-        name, sep, label = line.rstrip().rpartition(" ")
-        try:
-            if not sep or not name:
-                raise ValueError
-            lines.append((name, int(label)))
-        except ValueError:
-            raise DataSourceError(f"{path}:{i}: expected '<file> <label>', got {line!r}") from None
-    return lines
-
-
 def _matches_ext(filename, encoding):
     ext = os.path.splitext(filename)[1].lower().lstrip(".")
     enc = encoding.lower()
@@ -94,7 +73,7 @@ def convert(root, list_file, db_name, opts, log):
         opts.resize_height or opts.resize_width
     ):
         log.warning("resize needs both --resize_height and --resize_width; not resizing")
-    lines = read_list(list_file)
+    lines = [(name, label) for name, label, _ in images.read_image_list(list_file)]
     if opts.shuffle:
         log.info("Shuffling data")
         rng = np.random.default_rng(opts.seed or None)
