@@ -165,6 +165,22 @@ class LossLayer(Layer):
         top[0].reshape(())
 
 
+def class_axis(layer, scores, labels, axis):
+    """(axis, outer, inner, channels) of a scores blob whose `axis` holds the classes, checking
+    that `labels` has one entry per prediction (outer * inner), as Caffe's loss layers do."""
+    try:
+        axis = scores.canonical_axis(axis)
+    except IndexError as e:
+        raise layer.error(str(e)) from None
+    outer, inner = scores.count_range(0, axis), scores.count_range(axis + 1)
+    if outer * inner != labels.count:
+        raise layer.error(
+            f"number of labels must match number of predictions: scores {scores.shape} "
+            f"(axis {axis}) give {outer * inner}, labels {labels.shape} give {labels.count}"
+        )
+    return axis, outer, inner, scores.shape[axis]
+
+
 def normalizer(loss_param, valid_count, outer_num, inner_num, legacy_default="VALID"):
     """Caffe's LossLayer::GetNormalizer: the divisor for a loss, clamped to >= 1."""
     from engine.proto import caffe_pb2

@@ -6,7 +6,7 @@ Forward only; a class scoring >= the true class counts as ranked above it (ties 
 import numpy as np
 
 from engine.backend import get_array_module
-from engine.layer import Layer, register
+from engine.layer import Layer, class_axis, register
 
 
 @register("Accuracy")
@@ -35,16 +35,9 @@ class Accuracy(Layer):
                 f"top_k ({self.top_k}) must be less than or equal to the number of classes "
                 f"(scores {bottom[0].shape}, labels {bottom[1].shape})"
             )
-        self.axis = bottom[0].canonical_axis(self.param.accuracy_param.axis)
-        self.outer = bottom[0].count_range(0, self.axis)
-        self.inner = bottom[0].count_range(self.axis + 1)
-        self.channels = bottom[0].shape[self.axis]
-        if self.outer * self.inner != bottom[1].count:
-            raise self.error(
-                f"number of labels must match number of predictions: scores {bottom[0].shape} "
-                f"(axis {self.axis}) give {self.outer * self.inner}, labels {bottom[1].shape} "
-                f"give {bottom[1].count}"
-            )
+        self.axis, self.outer, self.inner, self.channels = class_axis(
+            self, bottom[0], bottom[1], self.param.accuracy_param.axis
+        )
         top[0].reshape(())
         if len(top) > 1:
             top[1].reshape((self.channels,))

@@ -5,7 +5,7 @@ import numpy as np
 
 from engine import io
 from engine.backend import get_array_module
-from engine.layer import LossLayer, normalizer, register
+from engine.layer import LossLayer, class_axis, normalizer, register
 from engine.layers.softmax import _softmax
 from engine.proto import caffe_pb2
 
@@ -168,19 +168,9 @@ class InfogainLoss(LossLayer):
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        try:
-            self.axis = bottom[0].canonical_axis(self.param.infogain_loss_param.axis)
-        except IndexError as e:
-            raise self.error(str(e)) from None
-        self.outer = bottom[0].count_range(0, self.axis)
-        self.inner = bottom[0].count_range(self.axis + 1)
-        self.num_labels = bottom[0].shape[self.axis]
-        if self.outer * self.inner != bottom[1].count:
-            raise self.error(
-                f"number of labels must match number of predictions; e.g., if infogain axis "
-                f"== 1 and prediction shape is (N, C, H, W), label count (number of labels) "
-                f"must be N*H*W: {bottom[0].shape} vs labels {bottom[1].shape}"
-            )
+        self.axis, self.outer, self.inner, self.num_labels = class_axis(
+            self, bottom[0], bottom[1], self.param.infogain_loss_param.axis
+        )
         h = self.infogain if len(bottom) < 3 else bottom[2].data
         if h.size != self.num_labels**2:
             raise self.error(

@@ -6,7 +6,7 @@ Both work along one axis of an N-d blob; the loss takes integer class labels.
 import numpy as np
 
 from engine.backend import get_array_module
-from engine.layer import Layer, LossLayer, normalizer, register
+from engine.layer import Layer, LossLayer, class_axis, normalizer, register
 
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
@@ -78,16 +78,9 @@ class SoftmaxWithLoss(LossLayer):
 
     def reshape(self, bottom, top):
         super().reshape(bottom, top)
-        self.axis = bottom[0].canonical_axis(self.param.softmax_param.axis)
-        self.outer = bottom[0].count_range(0, self.axis)
-        self.inner = bottom[0].count_range(self.axis + 1)
-        self.channels = bottom[0].shape[self.axis]
-        if self.outer * self.inner != bottom[1].count:
-            raise self.error(
-                f"number of labels must match number of predictions: scores {bottom[0].shape} "
-                f"(axis {self.axis}) give {self.outer * self.inner}, labels {bottom[1].shape} "
-                f"give {bottom[1].count}"
-            )
+        self.axis, self.outer, self.inner, self.channels = class_axis(
+            self, bottom[0], bottom[1], self.param.softmax_param.axis
+        )
 
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
