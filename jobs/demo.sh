@@ -19,7 +19,7 @@ mkdir -p work
 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" data/prepare_digits.py work
 
 exec "$SPARK_SUBMIT" \
-  --master 'local-cluster[2,1,1024]' \
+  --master "${MASTER:-local-cluster[2,1,1024]}" \
   --driver-memory 1g \
   --properties-file conf/spark-defaults.conf \
   jobs/caffeonspark.py \
