@@ -10,8 +10,11 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
+# The project's virtualenv (scripts/env.sh makes it), else the python on PATH (Docker images).
 PY="${PYTHON:-$REPO/.venv/bin/python}"
+[[ -x "$PY" ]] || PY="$(command -v python3)"
 SPARK_SUBMIT="${SPARK_SUBMIT:-$(dirname "$PY")/spark-submit}"
+[[ -x "$SPARK_SUBMIT" ]] || SPARK_SUBMIT="$(command -v spark-submit)"
 export PYSPARK_PYTHON="$PY" PYSPARK_DRIVER_PYTHON="$PY"
 mkdir -p work
 
