@@ -6,6 +6,8 @@ follow Caffe's (c, kh, kw) order and whose columns run over the batch then the o
 so one GEMM covers the whole batch (or a chunk of it). The CPU code loops only over kernel
 offsets (kh * kw strided slice copies, each over the whole batch), never over pixels; large
 copies are split over the batch between threads (NumPy releases the GIL while it copies).
+Stride-1 2-D im2col instead copies through kw column-shifted copies of the input, so every
+copy moves rows of Ho * Wo values (see `_im2col_shifted`).
 
 Batch-minor layout (`col2im_nlast`): `col[c, *k, *o, n]`, the same matrix with its columns
 permuted so the batch is innermost; window adds then run over rows of Wo * N values instead
@@ -198,13 +200,49 @@ def padded_shape(x_shape, pad):
     return (x_shape[1], x_shape[0]) + tuple(s + 2 * p for s, p in zip(x_shape[2:], pad))
 
 
+def shift_work_shape(x_shape, kernel, pad, stride, dilation):
+    """Shape (kw, C, N, H + 2 ph, Wo) of the work array of the stride-1 2-D im2col path, or
+    None when that path does not apply (not 2-D, or a stride > 1)."""
+    if len(x_shape) != 4 or tuple(stride) != (1, 1):
+        return None
+    out, padded = _geometry(x_shape[2:], kernel, pad, stride, dilation)
+    return (kernel[1], x_shape[1], x_shape[0], padded[0], out[1])
+
+
+def _im2col_shifted(x, kernel, pad, dilation, out_sp, col, work, xp):
+    """Stride-1 2-D im2col in two copies with long rows. work[j] (C, N, Hp, Wo) holds the
+    input shifted by kernel column j (zero rows/columns where the window leaves the input:
+    those cells are never written, so a zero-initialised work array stays valid); the rows of
+    column j are then whole (Ho * Wo) blocks of it: col[:, i, j, n] = work[j, :, n, i*dh:][:Ho].
+    NumPy pays a fixed cost per copied row: this copies kw*C*N*H rows of Wo values and
+    kh*kw*C*N rows of Ho*Wo values instead of kh*kw*C*N*Ho rows of Wo."""
+    (kh, kw), (ph, pw), (dh, dw) = kernel, pad, dilation
+    height, width = x.shape[2:]
+    ho, wo = out_sp
+
+    def run(n0, n1):
+        src = x[n0:n1].swapaxes(0, 1)  # (C, m, H, W)
+        for j in range(kw):
+            s = j * dw - pw  # work[j][..., z] = x[..., z + s]
+            lo, hi = max(0, -s), min(wo, width - s)
+            shifted = work[j, :, n0:n1]
+            if hi > lo:
+                shifted[:, :, ph : ph + height, lo:hi] = src[:, :, :, lo + s : hi + s]
+            for i in range(kh):
+                col[:, i, j, n0:n1] = shifted[:, :, i * dh : i * dh + ho]
+
+    parallel_batch(x.shape[0], run, col.size, xp)
+    return col
+
+
 def im2col(x, kernel, pad, stride, dilation, out=None, work=None):
     """Columns of a batch x (N, C, *spatial): returns col (C, *kernel, N, *out_spatial).
 
     col[c, i, j, n, y, z] = x[n, c, y*s - p + i*d, z*s - p + j*d] (0 outside the input).
-    `out`: optional destination of that shape. `work`: optional (C, N, *padded) array,
-    zero-initialised once and reused (only its interior is ever written); needed when
-    any pad > 0 and allocated here when not given.
+    `out`: optional destination of that shape. `work`: optional zero-initialised array
+    reused between calls (only cells inside the input are ever written): of shape
+    `shift_work_shape(...)` for the stride-1 2-D path (taken when `work` is None or has that
+    shape), else (C, N, *padded) (needed when any pad > 0; allocated here when not given).
     """
     xp = backend.get_array_module(x)
     kernel, pad, stride, dilation = map(tuple, (kernel, pad, stride, dilation))
@@ -216,6 +254,11 @@ def im2col(x, kernel, pad, stride, dilation, out=None, work=None):
     else:
         col = out.view()
         col.shape = shape  # raises rather than silently writing into a reshaped copy
+    shift_shape = shift_work_shape(x.shape, kernel, pad, stride, dilation)
+    if shift_shape is not None and (work is None or work.shape == shift_shape):
+        if work is None:
+            work = xp.zeros(shift_shape, dtype=x.dtype)
+        return _im2col_shifted(x, kernel, pad, dilation, out_sp, col, work, xp)
     use_pad = any(pad)
     if use_pad:
         if work is None:

@@ -10,9 +10,10 @@ from gradient_check import check_gradient, make_blobs
 
 from engine import rng as engine_rng
 from engine.blob import Blob
-from engine.im2col import col2im, col2im_nlast, conv_out_size, im2col
+from engine.im2col import col2im, col2im_nlast, conv_out_size, im2col, shift_work_shape
 from engine.layer import LayerError, create_layer
 from engine.layers import conv as conv_module
+from engine.layers import pooling as pooling_module
 from engine.layers.pooling import pooled_size
 from engine.proto import caffe_pb2
 
@@ -199,6 +200,30 @@ def test_im2col_large_batch_threaded_path_and_buffers():
     np.testing.assert_allclose(full, per_image, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "geom",
+    [
+        ((3, 3), (1, 1), (1, 1), (1, 1)),
+        ((2, 4), (1, 0), (1, 1), (1, 1)),
+        ((3, 2), (0, 3), (1, 1), (2, 3)),
+        ((5, 5), (4, 4), (1, 1), (1, 1)),
+    ],
+)
+def test_im2col_stride1_shifted_path_matches_reference_with_reused_work(geom):
+    # The stride-1 path keeps zero borders in its work array between calls: two different
+    # inputs through the same buffers, against the reference and the padded-work path.
+    shape = shift_work_shape((6, 3, 7, 9), *geom)
+    assert shape is not None
+    work = np.zeros(shape, np.float32)
+    for seed in (0, 1):
+        x = randn(6, 3, 7, 9, seed=seed)
+        col = im2col(x, *geom, work=work)
+        np.testing.assert_array_equal(col, ref_im2col(x, *geom))
+        padded = np.zeros((3, 6, 7 + 2 * geom[1][0], 9 + 2 * geom[1][1]), np.float32)
+        np.testing.assert_array_equal(col, im2col(x, *geom, work=padded))
+    assert shift_work_shape((6, 3, 7, 9), (3, 3), (1, 1), (1, 2), (1, 1)) is None
+
+
 def test_im2col_nd_one_and_three_spatial_axes():
     x1 = randn(2, 3, 10)
     col = im2col(x1, (3,), (1,), (2,), (1,))
@@ -235,6 +260,15 @@ CONV_CASES = {
     "1x1": ("num_output: 3 kernel_size: 1", (1, 1), (0, 0), (1, 1), 1),
     "1x1_group": ("num_output: 4 kernel_size: 1 group: 2", (1, 1), (0, 0), (1, 1), 2),
     "nobias": ("num_output: 2 kernel_size: 2 bias_term: false", (1, 1), (0, 0), (1, 1), 1),
+    # Same-size stride-1 convolutions: bottom gradient through the flipped weights.
+    "same": ("num_output: 3 kernel_size: 3 pad: 1", (1, 1), (1, 1), (1, 1), 1),
+    "same_rect": (
+        "num_output: 4 kernel_h: 3 kernel_w: 5 pad_h: 1 pad_w: 2",
+        (1, 1),
+        (1, 2),
+        (1, 1),
+        1,
+    ),
 }
 FILLERS = "weight_filler { type: 'gaussian' std: 0.3 } bias_filler { type: 'gaussian' std: 0.3 }"
 
@@ -328,20 +362,73 @@ def test_convolution_chunked_batch_matches_single_chunk(monkeypatch, keep):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["basic", "pad_stride", "rect", "dilation", "group"])
+@pytest.mark.parametrize(
+    "case", ["basic", "pad_stride", "rect", "dilation", "group", "same", "same_rect"]
+)
 def test_convolution_bottom_gradient_paths_agree(case):
-    # Caffe's column order and the batch-minor one (picked by a cost model) for col2im.
+    # Caffe's column order, the batch-minor one (picked by a cost model) for col2im, and
+    # (same-size stride-1 layers) the convolution of the top diff with the flipped weights.
     params = CONV_CASES[case][0]
     grads = []
-    for batch_minor in (False, True):
+    for batch_minor, flip in ((False, False), (True, False), (False, True)):
         layer = conv_layer("Convolution", params)
         bottom, top = setup(layer, randn(3, 4, 6, 7))
         (y,) = run(layer, bottom, top)
-        layer.dgrad_nlast = batch_minor
+        if flip and not layer.flip_dgrad:
+            continue
+        layer.dgrad_nlast, layer.flip_dgrad = batch_minor, flip
         top[0].diff[...] = randn(*y.shape, seed=2)
         layer.backward(top, [True], bottom)
         grads.append(bottom[0].diff.copy())
-    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert len(grads) == (3 if case.startswith("same") else 2)
+    for g in grads[1:]:
+        np.testing.assert_allclose(grads[0], g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["basic", "pad_stride", "rect", "dilation", "same", "nobias"])
+def test_convolution_forward_per_image_gemms_match_one_gemm(monkeypatch, case):
+    # Shallow layers run one GEMM per image into the top; deeper ones one GEMM per chunk.
+    x = randn(5, 4, 6, 7)
+    outs = []
+    for limit in (conv_module.PER_IMAGE_MAX_K, 0):
+        monkeypatch.setattr(conv_module, "PER_IMAGE_MAX_K", limit)
+        layer = conv_layer("Convolution", CONV_CASES[case][0])
+        bottom, top = setup(layer, x)
+        assert layer.fwd_per_image == (limit > 0)
+        (y,) = run(layer, bottom, top)
+        outs.append(y.copy())
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_output", [1, 3])
+def test_convolution_bias_gradient_adds_images_in_order(num_output):
+    # Caffe adds each image's sums to the bias diff in turn: bitwise that order.
+    layer = conv_layer("Convolution", f"num_output: {num_output} kernel_size: 3 pad: 1")
+    bottom, top = setup(layer, randn(6, 2, 5, 5))
+    (y,) = run(layer, bottom, top)
+    top[0].diff[...] = randn(*y.shape, seed=7) * 100
+    start = randn(num_output, seed=8)
+    layer.blobs[1].diff[...] = start
+    layer.backward(top, [False], bottom)
+    sums = np.matmul(top[0].diff.reshape(6, num_output, -1), np.ones(25, np.float32))
+    expect = start.copy()
+    for n in range(6):
+        expect += sums[n]
+    np.testing.assert_array_equal(layer.blobs[1].diff, expect)
+
+
+def test_convolution_flipped_bottom_gradient_only_where_it_applies():
+    def flips(params, shape=(2, 4, 6, 6)):
+        layer = conv_layer("Convolution", params)
+        setup(layer, randn(*shape))
+        return layer.flip_dgrad
+
+    assert flips("num_output: 4 kernel_size: 5 pad: 2")
+    assert not flips("num_output: 8 kernel_size: 5 pad: 2")  # more outputs than inputs
+    assert not flips("num_output: 4 kernel_size: 5")  # valid conv: input larger than output
+    assert not flips("num_output: 4 kernel_size: 3 pad: 1 stride: 2")
+    assert not flips("num_output: 4 kernel_size: 3 pad: 2 dilation: 2")
+    assert not flips("num_output: 4 kernel_size: 3 pad: 1 group: 2")
 
 
 def test_convolution_3d_and_axis():
@@ -435,6 +522,30 @@ def test_pooling_forward_and_gradient(method, case):
     ref, _ = ref_pool(x, method, kernel, stride, pad, ceil)
     np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
     check_gradient(layer, bottom, top)
+
+
+@pytest.mark.parametrize("case", sorted(POOL_CASES))
+def test_pooling_ave_dense_matrix_matches_phase_path(monkeypatch, case):
+    # Small planes run AVE as a GEMM with the averaging matrix; the phase-plane path (taken
+    # for larger planes) must give the same forward and backward.
+    params, kernel, stride, pad, ceil = POOL_CASES[case]
+    x = distinct((3, 2, 7, 9))
+    dy = None
+    results = []
+    for limit in (pooling_module.DENSE_AVE_MAX, 0):
+        monkeypatch.setattr(pooling_module, "DENSE_AVE_MAX", limit)
+        layer = pool_layer(f"pool: AVE {params}")
+        bottom, top = setup(layer, x)
+        (y,) = run(layer, bottom, top)
+        assert (layer._dense is not None) == (limit > 0)
+        dy = randn(*y.shape, seed=4) if dy is None else dy
+        top[0].diff[...] = dy
+        layer.backward(top, [True], bottom)
+        results.append((y, bottom[0].diff.copy()))
+    ref, _ = ref_pool(x, "AVE", kernel, stride, pad, ceil)
+    np.testing.assert_allclose(results[0][0], ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["k3s2p1", "k2s2p1_clip", "rect", "k3s2_ceil"])

@@ -3,7 +3,8 @@ divisor rules, vectorised over kernel offsets.
 
 Each window offset reads one shifted view of a "phase" plane: the padded input split by
 stride phase and flattened, so every offset is one contiguous slice over the whole batch (the
-output grid carries (k-1)/s spare columns per row, dropped at the end).
+output grid carries (k-1)/s spare columns per row, dropped at the end). AVE pooling of small
+planes is instead one GEMM with the dense averaging matrix (forward and backward).
 """
 
 import numpy as np
@@ -18,6 +19,9 @@ _PP = caffe_pb2.PoolingParameter
 _FLT_MIN = float(np.finfo(np.float32).min)  # Caffe's -FLT_MAX
 # Phase-plane bytes processed per block (all kernel offsets run on a block while it is cached).
 POOL_BLOCK_BYTES = 1 << 20
+# AVE pooling of small planes runs as one GEMM with the dense (H*W, Ho*Wo) averaging matrix
+# while H*W*Ho*Wo is at most this (CIFAR's 8x8 -> 4x4 and 16x16 -> 8x8 pools qualify).
+DENSE_AVE_MAX = 1 << 14
 
 
 def pooled_size(size, kernel, pad, stride, ceil_mode=True, clip=None):
@@ -38,6 +42,7 @@ class _Plan:
         (kh, kw), (sh, sw), (ph, pw), (ho, wo) = kernel, stride, pad, out
         self.phase_grid = g = PhaseGrid((height, width), kernel, stride, pad, (1, 1), out)
         self.height, self.width, self.kernel = height, width, kernel
+        self.stride, self.pad = stride, pad
         self.ho, self.wo, self.wq = ho, wo, g.wq
         self.plane, self.grid, self.offsets, self.phases = g.plane, g.grid, g.offsets, g.phases
         # AVE divisor: window clipped to [-pad, size + pad), padding cells counted.
@@ -51,6 +56,21 @@ class _Plan:
         self.code_w = np.array([-1] + [j for _ in range(kh) for j in range(kw)], np.int64)
         self.base_h = (np.arange(ho) * sh - ph)[:, None]
         self.base_w = (np.arange(wo) * sw - pw)[None, :]
+
+    def averaging_matrix(self):
+        """A (H*W, Ho*Wo) with A[h*W + w, y*Wo + z] = 1 / divisor[y, z] where input (h, w) is in
+        the window of output (y, z) (clipped to the input): AVE pooling is x (., H*W) @ A and
+        its backward dy @ A^T (Caffe sums then divides; this rounds differently, ~1 ulp)."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.pad
+        a = np.zeros((self.height, self.width, self.ho, self.wo), np.float32)
+        for y in range(self.ho):
+            h0 = max(y * sh - ph, 0)
+            h1 = min(y * sh - ph + kh, self.height)
+            for z in range(self.wo):
+                w0 = max(z * sw - pw, 0)
+                w1 = min(z * sw - pw + kw, self.width)
+                a[h0:h1, w0:w1, y, z] = 1.0 / self.divisor[y, z]
+        return a.reshape(self.height * self.width, self.ho * self.wo)
 
     def split(self, x3, planes, n0, n1):
         """Input rows n0:n1 of x3 (NC, H, W) into the phase planes (NPH, NC, plane)."""
@@ -156,9 +176,19 @@ class Pooling(Layer):
             self._plan = _Plan(h, w, kernel, self.stride, self.pad, out)
             # A window covering the whole (unpadded) plane: plain reductions.
             self._whole = out == (1, 1) and not any_pad and kernel[0] >= h and kernel[1] >= w
+            self._dense = None
+            small = h * w * out[0] * out[1] <= DENSE_AVE_MAX
+            if self.method == _PP.AVE and not self._whole and small:
+                self._dense = self._plan.averaging_matrix()
         self.nc = n * c
 
     # --- helpers ---------------------------------------------------------------------------
+    def _dense_matrix(self, xp):
+        key = ("dense", xp.__name__)
+        if key not in self._buf:
+            self._buf[key] = xp.asarray(self._dense)
+        return self._buf[key]
+
     def _code_dtype(self):
         kk = self._plan.kernel[0] * self._plan.kernel[1] + 1
         return np.int8 if kk < 127 else (np.int16 if kk < 32767 else np.int32)
@@ -234,6 +264,9 @@ class Pooling(Layer):
             return
         if self.method == _PP.MAX:
             self._forward_max(x3, y, top, xp)
+        elif self._dense is not None:
+            a = self._dense_matrix(xp)
+            xp.matmul(x3.reshape(self.nc, -1), a, out=y.reshape(self.nc, -1))
         elif self.method == _PP.AVE:
             planes = self._plane_buffer(xp, 0.0)
             acc = self._grid("acc", xp)
@@ -280,6 +313,8 @@ class Pooling(Layer):
         mask = self._grid("mask", xp, bool)
         tmp = self._grid("tcode", xp, self._code_dtype())
         ctype = code.dtype.type
+        # The mask as integers of the code's width (bool * int8 goes through a slower cast).
+        mask_int = mask.view(code.dtype) if code.dtype.itemsize == 1 else mask
         y3 = y.reshape(self.nc, plan.ho, plan.wo)
 
         # Masked writes (copyto/where) are slow on random masks; use plain arithmetic:
@@ -288,13 +323,14 @@ class Pooling(Layer):
         def run(n0, n1):
             plan.split(x3, planes, n0, n1)
             b, c, m, t = best[n0:n1], code[n0:n1], mask[n0:n1], tmp[n0:n1]
+            mi = mask_int[n0:n1]
             b[...] = _FLT_MIN
             c[...] = 0
             for cc, k, shift in plan.offsets:
                 v = plan.window(planes, k, shift, n0, n1)
                 xp.greater(v, b, out=m)
                 xp.fmax(b, v, out=b)
-                xp.multiply(m, ctype(cc + 1), out=t)
+                xp.multiply(mi, ctype(cc + 1), out=t)
                 xp.maximum(c, t, out=c)
             y3[n0:n1] = b.reshape(n1 - n0, plan.ho, plan.wq)[:, :, : plan.wo]
 
@@ -364,6 +400,10 @@ class Pooling(Layer):
                 code = self._grid("code", xp, np.int64)[:, 0]
                 rows = xp.nonzero(code > 0)[0]
                 dx2[rows, code[rows] - 1] = dy1[rows]
+            return
+        if self._dense is not None:
+            a = self._dense_matrix(xp)
+            xp.matmul(dy.reshape(self.nc, -1), a.T, out=dx3.reshape(self.nc, -1))
             return
         if self.method == _PP.AVE:
             divisor = xp.asarray(plan.divisor)
