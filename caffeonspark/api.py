@@ -308,8 +308,8 @@ class KeyedSource(RecordSource):
         self.name = inner.name
         self.keys = collections.deque()
 
-    def _one_pass(self):
-        for key, value in self.inner._one_pass():
+    def one_pass(self):
+        for key, value in self.inner.one_pass():
             self.keys.append(key)
             yield key, value
 

@@ -299,7 +299,7 @@ class ArrowRecordSource(RecordSource):
             self._reader.get_batch(i).num_rows for i in range(self._reader.num_record_batches)
         )
 
-    def _one_pass(self):
+    def one_pass(self):
         for i in range(self._reader.num_record_batches):
             batch = self._reader.get_batch(i)
             yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())

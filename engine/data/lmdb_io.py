@@ -129,7 +129,7 @@ class LMDBSource(RecordSource):
             )
         return count
 
-    def _one_pass(self):
+    def one_pass(self):
         try:
             if self.start_key is None:
                 ok = self._cursor.first()

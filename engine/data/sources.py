@@ -1,7 +1,7 @@
 """The record-source interface the Data layer reads from: (key, value bytes) pairs that cycle
 forever, so LMDB files, key-range shards, Arrow files or in-memory lists plug in alike.
 
-A source subclasses RecordSource and implements `_one_pass()` (a fresh iterator over one
+A source subclasses RecordSource and implements `one_pass()` (a fresh iterator over one
 pass of its records, in order) and `__len__`; `take(n)` and `peek()` come from the base class:
 `take` returns the next n records and wraps to the first record at the end of a pass (a
 batch may straddle the wrap, like Caffe's cursor), `peek` returns the next record without
@@ -21,7 +21,7 @@ class RecordSource:
 
     name = "<records>"
 
-    def _one_pass(self):
+    def one_pass(self):
         raise NotImplementedError
 
     def __len__(self):
@@ -42,7 +42,7 @@ class RecordSource:
             out.append(self._pending.popleft())
         while len(out) < n:
             if self._iter is None:
-                self._iter = iter(self._one_pass())
+                self._iter = iter(self.one_pass())
                 self._pass_empty = True
             got = list(itertools.islice(self._iter, n - len(out)))
             if got:
@@ -86,7 +86,7 @@ class ListSource(RecordSource):
         self.records = list(records)
         self.name = name
 
-    def _one_pass(self):
+    def one_pass(self):
         return iter(self.records)
 
     def __len__(self):
@@ -106,7 +106,7 @@ class IterableSource(RecordSource):
         self.name = name
         self._on_close = on_close
 
-    def _one_pass(self):
+    def one_pass(self):
         return self._factory()
 
     def __len__(self):

@@ -232,7 +232,7 @@ class _ImageListSource(ListSource):
         super().__init__([(f"{f} (line {i})", (f, lab)) for f, lab, i in lines], name)
         self.rng = rng
 
-    def _one_pass(self):
+    def one_pass(self):
         if self.rng is None:
             return iter(self.records)
         order = self.rng.permutation(len(self.records))
