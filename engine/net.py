@@ -215,14 +215,13 @@ class Net:
                     if not layer.allow_in_place:
                         raise LayerError(f"layer {lp.name!r} ({lp.type}) cannot run in place")
                     bid = name_to_id[tname]
-                elif tname in name_to_id and tname in lp.bottom:
+                elif tname in name_to_id:
+                    # Caffe: a name may be produced again only in place (same index as bottom).
                     raise LayerError(
-                        f"layer {lp.name!r}: top {tname!r} is an in-place top at the wrong index"
+                        f"layer {lp.name!r}: top blob {tname!r} produced by multiple sources "
+                        "(an in-place top must sit at the same index as its bottom)"
                     )
                 else:
-                    if tname in name_to_id:
-                        # Caffe allows re-producing a name only in place; a new blob replaces it.
-                        pass
                     bid = len(self._blobs)
                     self._blobs.append(Blob())
                     self.blob_names.append(tname)

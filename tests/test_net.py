@@ -291,3 +291,13 @@ def test_legacy_input_fields_become_input_layer():
         engine.TEST,
     )
     assert net.blobs["out"].shape == (1, 2, 3, 4)
+
+
+def test_top_produced_twice_is_an_error():
+    text = """
+    layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 } } }
+    layer { name: "a" type: "ReLU" bottom: "x" top: "y" }
+    layer { name: "b" type: "ReLU" bottom: "x" top: "y" }
+    """
+    with pytest.raises(LayerError, match="'b'.*'y' produced by multiple sources"):
+        engine.Net(net_param(text), engine.TRAIN)
