@@ -1,5 +1,8 @@
 """Caffe file I/O: BlobProto shapes (N-d, legacy, 0-d), pycaffe io helpers, atomic writes."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -58,6 +61,15 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         io.atomic_write_bytes(path, b"new contents")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.caffemodel"]
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        io.atomic_write_bytes(tmp_path / "snap.caffemodel", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "snap.caffemodel").stat().st_mode) == 0o644
 
 
 def test_mean_file_reads_golden(tmp_path):
