@@ -7,6 +7,7 @@ import tempfile
 import numpy as np
 from google.protobuf import message, text_format
 
+from engine.preprocess import Transformer, load_image, oversample, resize_image  # noqa: F401
 from engine.proto import caffe_pb2
 
 
