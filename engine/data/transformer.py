@@ -118,14 +118,7 @@ class DataTransformer:
             src = src[:, :, ::-1]
             if mean is not None and mean.shape[1] > 1:
                 mean = mean[:, :, ::-1]
-        if mean is not None:
-            np.subtract(src, mean, out=out)
-            if self.scale != 1:
-                out *= self.scale
-        elif self.scale != 1:
-            np.multiply(src, self.scale, out=out)
-        else:
-            out[...] = src
+        _subtract_scale(src, mean, self.scale, out)
 
     def transform(self, batch, out=None):
         """Transform N x C x H x W (uint8 or float32) into float32 N x C x H' x W'."""
@@ -144,14 +137,8 @@ class DataTransformer:
         y, x = (h - oh) // 2, (w - ow) // 2
         src = batch[:, :, y : y + oh, x : x + ow]
         if mean is not None:
-            m = mean[None, :, y : y + oh, x : x + ow] if mean.shape[1] > 1 else mean[None]
-            np.subtract(src, m, out=out)
-            if self.scale != 1:
-                out *= self.scale
-        elif self.scale != 1:
-            np.multiply(src, self.scale, out=out)
-        else:
-            out[...] = src
+            mean = mean[None, :, y : y + oh, x : x + ow] if mean.shape[1] > 1 else mean[None]
+        _subtract_scale(src, mean, self.scale, out)
         return out
 
     def transform_list(self, arrays, out=None):
@@ -180,3 +167,15 @@ class DataTransformer:
         if out.shape != shape or out.dtype != np.float32:
             raise ValueError(f"transform: out is {out.shape} {out.dtype}, need {shape} float32")
         return out
+
+
+def _subtract_scale(src, mean, scale, out):
+    """out = (src - mean) * scale (mean may be None), computed in place in float32 `out`."""
+    if mean is not None:
+        np.subtract(src, mean, out=out)
+        if scale != 1:
+            out *= scale
+    elif scale != 1:
+        np.multiply(src, scale, out=out)
+    else:
+        out[...] = src

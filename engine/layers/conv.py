@@ -95,6 +95,17 @@ def conv_geometry(layer, cp, num_spatial):
     return kernel, stride, pad, dilation
 
 
+def setup_geometry(layer, cp, bottom):
+    """Set layer.axis, num_spatial, kernel, stride, pad, dilation from a ConvolutionParameter."""
+    layer.axis = bottom.canonical_axis(cp.axis)
+    layer.num_spatial = bottom.num_axes - layer.axis - 1
+    if layer.num_spatial < 1:
+        raise layer.error(f"needs at least one spatial axis after axis {layer.axis}")
+    layer.kernel, layer.stride, layer.pad, layer.dilation = conv_geometry(
+        layer, cp, layer.num_spatial
+    )
+
+
 class BaseConvolution(Layer):
     """Shared shape logic and GEMM plumbing of Convolution and Deconvolution.
 
@@ -115,13 +126,7 @@ class BaseConvolution(Layer):
 
     def layer_setup(self, bottom, top):
         cp = self.param.convolution_param
-        self.axis = bottom[0].canonical_axis(cp.axis)
-        self.num_spatial = bottom[0].num_axes - self.axis - 1
-        if self.num_spatial < 1:
-            raise self.error(f"needs at least one spatial axis after axis {self.axis}")
-        self.kernel, self.stride, self.pad, self.dilation = conv_geometry(
-            self, cp, self.num_spatial
-        )
+        setup_geometry(self, cp, bottom[0])
         self.channels = bottom[0].shape[self.axis]
         self.num_output = int(cp.num_output)
         self.group = int(cp.group)
@@ -616,13 +621,7 @@ class Im2col(Layer):
 
     def layer_setup(self, bottom, top):
         cp = self.param.convolution_param
-        self.axis = bottom[0].canonical_axis(cp.axis)
-        self.num_spatial = bottom[0].num_axes - self.axis - 1
-        if self.num_spatial < 1:
-            raise self.error(f"needs at least one spatial axis after axis {self.axis}")
-        self.kernel, self.stride, self.pad, self.dilation = conv_geometry(
-            self, cp, self.num_spatial
-        )
+        setup_geometry(self, cp, bottom[0])
         self._buf = {}
 
     def reshape(self, bottom, top):
