@@ -187,6 +187,15 @@ def _env():
     return env
 
 
+def _join_alone(w):
+    """Take a 1-rank worker through hello, ports and placement until it has joined."""
+    w.accept(60)
+    for _ in range(2):
+        w.recv(60, "starting")
+    w.channel.send({"kind": "placement", "ports": [], "local_rank": 0, "local_size": 1})
+    w.recv(60, "joining")
+
+
 def _drive(job, workdir, local_rank=0):
     """Play the task's part for a 1-rank job; returns (message kinds, done message, log)."""
     w = launch.WorkerProcess(job, 0, str(workdir), _env())
@@ -249,11 +258,7 @@ def test_worker_error_reaches_the_task_with_its_cause(tmp_path):
     job = _job(tmp_path, weights=str(bad))
     w = launch.WorkerProcess(job, 0, str(tmp_path), _env())
     try:
-        w.accept(60)
-        for _ in range(2):
-            w.recv(60, "starting")
-        w.channel.send({"kind": "placement", "ports": [], "local_rank": 0, "local_size": 1})
-        w.recv(60, "joining")
+        _join_alone(w)
         with pytest.raises(launch.LaunchError, match=r"rank 0 on .*bad\.caffemodel"):
             w.recv(120, "training")
     finally:
@@ -282,11 +287,7 @@ def test_worker_exits_when_its_task_goes_away(tmp_path):
     job = _job(tmp_path, max_iter=100000)
     w = launch.WorkerProcess(job, 0, str(tmp_path), _env())
     try:
-        w.accept(60)
-        for _ in range(2):
-            w.recv(60, "starting")
-        w.channel.send({"kind": "placement", "ports": [], "local_rank": 0, "local_size": 1})
-        w.recv(60, "joining")
+        _join_alone(w)
         w.channel.close()  # the task died
         w.proc.wait(timeout=30)
     finally:
