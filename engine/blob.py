@@ -109,13 +109,5 @@ class Blob:
             raise ValueError(f"set_diff shape {tuple(array.shape)} != blob shape {self._shape}")
         self._diff = array
 
-    def share_data(self, other):
-        self._shape = other._shape
-        self._data = other._data
-
-    def share_diff(self, other):
-        self._shape = other._shape
-        self._diff = other._diff
-
     def __repr__(self):
         return f"Blob{self._shape}"

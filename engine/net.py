@@ -407,6 +407,7 @@ class Net:
 
     @property
     def _layer_names(self):
+        """pycaffe scripts read `net._layer_names` directly."""
         return self.layer_names
 
     def layer_index(self, name):
