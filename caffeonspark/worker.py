@@ -283,9 +283,9 @@ class Worker:
 
         solver.on_gradients_ready.append(on_gradients_ready)
         if job.get("validation_layer") is not None:
-            self._wrap_test(solver, comm)
+            solver.on_tested.append(lambda s, net_id, scores: self._average_scores(s, comm, scores))
         if self.rank == 0:
-            self._wrap_snapshot(solver)
+            solver.on_snapshot.append(self._upload_snapshot)
         solver.step(max_iter - solver.iter)
         interval = solver.param.test_interval
         if job.get("validation_layer") is not None and interval and solver.iter % interval == 0:
@@ -352,59 +352,45 @@ class Worker:
         # perf_counter value at process start, from the wall-clock start time.
         return time.perf_counter() - (time.time() - self.started)
 
-    def _wrap_test(self, solver, comm):
-        """Validation: each rank tests its own shard; scores are averaged over ranks."""
-        test_all = solver.test_all
+    def _average_scores(self, solver, comm, scores):
+        """Validation: each rank tests its own shard; the scores are averaged over ranks
+        (every rank tests at the same iteration, so all of them join this all-reduce)."""
+        names = list(scores)
+        flat = [np.atleast_1d(np.asarray(scores[n], dtype=np.float64)).ravel() for n in names]
+        sizes = [f.size for f in flat]
+        mean = comm.allreduce_mean(np.concatenate(flat))
+        out, pos = {}, 0
+        for name, k in zip(names, sizes):
+            v = mean[pos : pos + k]
+            out[name] = float(v[0]) if k == 1 and np.ndim(scores[name]) == 0 else v.tolist()
+            pos += k
+        self.beat(solver.iter)
+        if self.rank == 0:
+            row = {"iteration": int(solver.iter), "outputs": out}
+            self.validation_rows.append(row)
+            self.send("validation", **row)
+        return out
 
-        def averaged_test_all():
-            results = test_all()
-            if not results or results[0] is None:
-                return results
-            scores = results[0]
-            names = list(scores)
-            flat = [np.atleast_1d(np.asarray(scores[n], dtype=np.float64)).ravel() for n in names]
-            sizes = [f.size for f in flat]
-            mean = comm.allreduce_mean(np.concatenate(flat))
-            out, pos = {}, 0
-            for name, k in zip(names, sizes):
-                v = mean[pos : pos + k]
-                out[name] = float(v[0]) if k == 1 and np.ndim(scores[name]) == 0 else v.tolist()
-                pos += k
-            self.beat(solver.iter)
-            if self.rank == 0:
-                row = {"iteration": int(solver.iter), "outputs": out}
-                self.validation_rows.append(row)
-                self.send("validation", **row)
-            return results
-
-        solver.test_all = averaged_test_all
-
-    def _wrap_snapshot(self, solver):
+    def _upload_snapshot(self, solver, model_file, state_file):
         """Rank 0's snapshots go to the model's folder (atomically), named like Caffe's."""
         from caffeonspark import storage
         from engine.proto import caffe_pb2
 
-        snapshot = solver.snapshot
         folder = self.job["snapshot_dir"]
-
-        def upload():
-            model_file, state_file = snapshot()
-            model_uri = storage.join(folder, os.path.basename(model_file))
-            state_uri = storage.join(folder, os.path.basename(state_file))
-            storage.put_file(model_file, model_uri)
-            with open(state_file, "rb") as f:
-                state = caffe_pb2.SolverState.FromString(f.read())
-            state.learned_net = os.path.basename(model_file)
-            storage.write_bytes(state_uri, state.SerializeToString())
-            os.unlink(model_file)
-            os.unlink(state_file)
-            self.snapshots.append(state_uri)
-            record = {"run": self.job.get("run_id"), "iter": int(solver.iter), "state": state_uri}
-            storage.write_bytes(snapshot_record(self.job), json.dumps(record).encode("utf-8"))
-            self.send("snapshot", path=state_uri, iter=int(solver.iter))
-            return model_uri, state_uri
-
-        solver.snapshot = upload
+        model_uri = storage.join(folder, os.path.basename(model_file))
+        state_uri = storage.join(folder, os.path.basename(state_file))
+        storage.put_file(model_file, model_uri)
+        with open(state_file, "rb") as f:
+            state = caffe_pb2.SolverState.FromString(f.read())
+        state.learned_net = os.path.basename(model_file)
+        storage.write_bytes(state_uri, state.SerializeToString())
+        os.unlink(model_file)
+        os.unlink(state_file)
+        self.snapshots.append(state_uri)
+        record = {"run": self.job.get("run_id"), "iter": int(solver.iter), "state": state_uri}
+        storage.write_bytes(snapshot_record(self.job), json.dumps(record).encode("utf-8"))
+        self.send("snapshot", path=state_uri, iter=int(solver.iter))
+        return model_uri, state_uri
 
 
 # --- snapshots ---------------------------------------------------------------------------------

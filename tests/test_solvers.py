@@ -542,6 +542,44 @@ def test_solve_snapshots_and_final_test(tiny):
 
 
 @pytestmark_tiny
+def test_tested_and_snapshot_hooks_replace_results(tiny, tmp_path):
+    path = tiny(snapshot=2, test_iter=1, test_interval=2, max_iter=4)
+    solver = get_solver(str(path))
+    seen = []
+
+    def tested(s, net_id, scores):
+        seen.append(("tested", s.iter, net_id, sorted(scores)))
+        return {"accuracy": 0.5}
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+
+    def snapshotted(s, model_file, state_file):
+        seen.append(("snapshot", s.iter, os.path.exists(model_file), os.path.exists(state_file)))
+        return tuple(
+            str(shutil.move(f, moved / os.path.basename(f))) for f in (model_file, state_file)
+        )
+
+    solver.on_tested.append(tested)
+    solver.on_tested.append(lambda s, net_id, scores: None)  # None keeps the scores
+    solver.on_snapshot.append(snapshotted)
+    solver.step(3)
+    assert seen == [
+        ("tested", 0, 0, ["accuracy", "loss"]),
+        ("snapshot", 2, True, True),
+        ("tested", 2, 0, ["accuracy", "loss"]),
+    ]
+    assert solver.test(0) == {"accuracy": 0.5}
+    model, state = solver.snapshot()
+    assert (model, state) == (
+        str(moved / "tiny_iter_3.caffemodel"),
+        str(moved / "tiny_iter_3.solverstate"),
+    )
+    assert sorted(os.listdir(moved))[-2:] == ["tiny_iter_3.caffemodel", "tiny_iter_3.solverstate"]
+    assert not any(name.startswith("tiny_iter_3") for name in os.listdir("snap"))
+
+
+@pytestmark_tiny
 def test_action_function_stop_snapshots(tiny):
     path = tiny(max_iter=100)
     solver = get_solver(str(path))

@@ -153,8 +153,12 @@ class Solver:
     Attributes: `param` (SolverParameter), `net` (train Net), `test_nets`, `iter`,
     `current_step`, `history` (arrays, Caffe's solverstate order), hook lists `on_start` and
     `on_gradients_ready` (callables taking the solver; the latter run after backward, before
-    `apply_update`), and `action_function` (returns "none", "stop" or "snapshot"; polled
-    after every iteration and test batch, like Caffe's SetActionFunction).
+    `apply_update`), `on_tested` (callables (solver, test_net_id, scores) run after each
+    test; one may return other scores to use, e.g. averaged over ranks), `on_snapshot`
+    (callables (solver, model_file, state_file) run after a snapshot is written; one may
+    return other (model, state) paths, e.g. after moving the files), and `action_function`
+    (returns "none", "stop" or "snapshot"; polled after every iteration and test batch, like
+    Caffe's SetActionFunction).
     """
 
     type_name = None
@@ -176,6 +180,8 @@ class Solver:
         self.check_param()
         self.on_start = []
         self.on_gradients_ready = []
+        self.on_tested = []
+        self.on_snapshot = []
         self.action_function = None
         self.requested_early_exit = False
         self.smoothed_loss = _F32(0)
@@ -602,7 +608,12 @@ class Solver:
             log.info("Test loss: %s", _fmt(loss / _F32(n_iter)))
         means = [(n, s / _F32(n_iter)) for n, s in zip(net.outputs, scores or [])]
         self._log_outputs("Test", net, means)
-        return {n: float(m.ravel()[0]) if m.size == 1 else m for n, m in means}
+        result = {n: float(m.ravel()[0]) if m.size == 1 else m for n, m in means}
+        for hook in self.on_tested:
+            replaced = hook(self, test_net_id, result)
+            if replaced is not None:
+                result = replaced
+        return result
 
     # --- snapshots -------------------------------------------------------------------------
     def snapshot_filename(self, extension):
@@ -626,7 +637,10 @@ class Solver:
         state_file = self.snapshot_filename(".solverstate")
         log.info("Snapshotting solver state to binary proto file %s", state_file)
         io.write_binary(state_file, state)
-        return model_file, state_file
+        paths = (model_file, state_file)
+        for hook in self.on_snapshot:
+            paths = hook(self, *paths) or paths
+        return paths
 
     def restore(self, state_file):
         """Resume from a .solverstate: iter, current_step, history and the weights of its
