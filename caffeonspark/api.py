@@ -111,7 +111,7 @@ class CaffeOnSpark:
             size,
             conf.devices,
             source.name,
-            conf.model_uri,
+            storage.shown(conf.model_uri),
         )
         timeouts = (conf.rendezvousTimeout, conf.idleTimeout)
         with launch.Monitor(sc, ranks, *timeouts) as monitor:
@@ -150,7 +150,7 @@ class CaffeOnSpark:
             100 * summary.allreduce_fraction,
             1e3 * summary.wait_s,
             summary.startup_s,
-            summary.model,
+            storage.shown(summary.model),
         )
         return summary
 
@@ -255,7 +255,7 @@ class CaffeOnSpark:
             writer.parquet(uri)
         else:
             writer.json(uri)
-        log.info("wrote features (%s) to %s", conf.outputFormat, uri)
+        log.info("wrote features (%s) to %s", conf.outputFormat, storage.shown(uri))
         return uri
 
 

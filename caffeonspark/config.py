@@ -242,12 +242,14 @@ class Config:
         if self.weights:
             for path in self.weights.split(","):
                 if not storage.exists(storage.absolute(path)):
-                    raise ConfigError(f"-weights {path}: no such file")
+                    raise ConfigError(f"-weights {storage.shown(path)}: no such file")
         folder = storage.dirname(storage.absolute(self.model))
         try:
             storage.check_writable_dir(folder)
         except storage.StorageError as e:
-            raise ConfigError(f"-model {self.model}: its folder is not writable: {e}") from None
+            raise ConfigError(
+                f"-model {storage.shown(self.model)}: its folder is not writable: {e}"
+            ) from None
         return self
 
     def check_inference(self, after_training=False):
@@ -260,7 +262,7 @@ class Config:
         if not self.model:
             raise ConfigError(f"{what} needs -model: the trained .caffemodel")
         if not (self.train and not after_training) and not storage.is_file(self.model_uri):
-            raise ConfigError(f"-model {self.model}: no such file (nothing to test)")
+            raise ConfigError(f"-model {storage.shown(self.model)}: no such file (nothing to test)")
         return self
 
     # --- derived -----------------------------------------------------------------------------
@@ -328,12 +330,12 @@ def _check_snapshot(path):
     """Fail fast on a -snapshot whose .solverstate or model is missing."""
     uri = storage.absolute(path)
     if not storage.is_file(uri):
-        raise ConfigError(f"-snapshot {path}: no such .solverstate file")
+        raise ConfigError(f"-snapshot {storage.shown(path)}: no such .solverstate file")
     state = caffe_pb2.SolverState()
     try:
         state.ParseFromString(storage.read_bytes(uri))
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
-        raise ConfigError(f"-snapshot {path}: not a .solverstate: {e}") from None
+        raise ConfigError(f"-snapshot {storage.shown(path)}: not a .solverstate: {e}") from None
     if state.learned_net:
         beside = storage.join(storage.dirname(uri), storage.basename(state.learned_net))
         if not (storage.exists(storage.absolute(state.learned_net)) or storage.exists(beside)):
@@ -354,7 +356,7 @@ def _read_text(uri, msg, what):
     except storage.StorageError as e:
         raise ConfigError(str(e)) from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{uri}: {what} is not UTF-8 text") from None
+        raise ConfigError(f"{storage.shown(uri)}: {what} is not UTF-8 text") from None
     try:
         return engine_io.parse_prototxt(text, msg, source=uri)
     except engine_io.CaffeFileError as e:

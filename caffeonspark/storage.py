@@ -3,11 +3,15 @@ pyarrow's filesystem layer, with writes that go to a temp name and are renamed i
 
 A reader never sees half a file: local writes fsync a temp file beside the target and rename
 it; remote writes stream to a hidden temp name in the same folder and `move` it (a rename on
-HDFS and local filesystems).
+HDFS; a server-side copy on S3, where an object appears whole or not at all).
+
+Filesystem options ride in the URI's query (s3://bucket/m?endpoint_override=host:9000) and
+stay last when a path is derived from it; a secret in the URI's user part is shown as ***.
 """
 
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import uuid
@@ -17,6 +21,15 @@ from engine import io as engine_io
 
 class StorageError(OSError):
     """A path that cannot be read or written (the message names the path)."""
+
+
+_SECRET = re.compile(r"^([A-Za-z][\w+.-]*://[^/@?#:]*):[^/@?#]*@")
+
+
+def shown(uri):
+    """`uri` as it may appear in logs and errors: a password or secret key given in its user
+    part (s3://KEY:SECRET@bucket/...) is replaced by ***."""
+    return _SECRET.sub(r"\1:***@", os.fspath(uri))
 
 
 def has_scheme(uri):
@@ -37,7 +50,7 @@ def local_path(uri):
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     elif has_scheme(uri):
-        raise StorageError(f"{uri}: not a local path")
+        raise StorageError(f"{shown(uri)}: not a local path")
     return os.path.abspath(os.path.expanduser(uri))
 
 
@@ -55,33 +68,45 @@ def resolve(uri):
     try:
         from pyarrow import fs as pafs
     except ImportError as e:  # pragma: no cover - pyarrow is a dependency
-        raise StorageError(f"{uri}: pyarrow is needed for remote paths: {e}") from None
+        raise StorageError(f"{shown(uri)}: pyarrow is needed for remote paths: {e}") from None
     if is_local(uri):
         return pafs.LocalFileSystem(), local_path(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types (no libhdfs, bad URI)
-        raise StorageError(f"{uri}: cannot open its filesystem: {e}") from None
+        raise StorageError(f"{shown(uri)}: cannot open its filesystem: {e}") from None
+
+
+def _split_query(uri):
+    """(URI without its query, "?query" or ""): pyarrow takes filesystem options in the
+    query (s3://bucket/path?endpoint_override=host:port&scheme=http), which must stay at
+    the end when a path is derived from the URI."""
+    base, sep, query = uri.partition("?")
+    return base, sep + query
 
 
 def dirname(uri):
     uri = os.fspath(uri)
     if is_local(uri):
         return os.path.dirname(local_path(uri))
-    scheme, rest = uri.split("://", 1)
-    return f"{scheme}://{posixpath.dirname(rest)}"
+    base, query = _split_query(uri)
+    scheme, rest = base.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}{query}"
 
 
 def basename(uri):
-    uri = os.fspath(uri).rstrip("/")
-    return posixpath.basename(uri) if has_scheme(uri) else os.path.basename(uri)
+    uri = os.fspath(uri)
+    if not has_scheme(uri):
+        return os.path.basename(uri.rstrip("/"))
+    return posixpath.basename(_split_query(uri)[0].rstrip("/"))
 
 
 def join(uri, name):
     uri = os.fspath(uri)
     if is_local(uri):
         return os.path.join(local_path(uri), name)
-    return uri.rstrip("/") + "/" + name
+    base, query = _split_query(uri)
+    return base.rstrip("/") + "/" + name + query
 
 
 def _info(uri):
@@ -91,7 +116,7 @@ def _info(uri):
     try:
         return fs.get_file_info(path), fs, path, pafs.FileType
     except OSError as e:
-        raise StorageError(f"{uri}: cannot stat: {e}") from None
+        raise StorageError(f"{shown(uri)}: cannot stat: {e}") from None
 
 
 def exists(uri):
@@ -118,13 +143,13 @@ def read_bytes(uri, what="file"):
             with open(path, "rb") as f:
                 return f.read()
         except OSError as e:
-            raise StorageError(f"{uri}: cannot read {what}: {e.strerror}") from None
+            raise StorageError(f"{shown(uri)}: cannot read {what}: {e.strerror}") from None
     fs, path = resolve(uri)
     try:
         with fs.open_input_stream(path) as f:
             return f.read()
     except (OSError, FileNotFoundError) as e:
-        raise StorageError(f"{uri}: cannot read {what}: {e}") from None
+        raise StorageError(f"{shown(uri)}: cannot read {what}: {e}") from None
 
 
 def makedirs(uri):
@@ -133,13 +158,13 @@ def makedirs(uri):
         try:
             os.makedirs(local_path(uri), exist_ok=True)
         except OSError as e:
-            raise StorageError(f"{uri}: cannot create directory: {e.strerror}") from None
+            raise StorageError(f"{shown(uri)}: cannot create directory: {e.strerror}") from None
         return
     fs, path = resolve(uri)
     try:
         fs.create_dir(path, recursive=True)
     except OSError as e:
-        raise StorageError(f"{uri}: cannot create directory: {e}") from None
+        raise StorageError(f"{shown(uri)}: cannot create directory: {e}") from None
 
 
 def write_bytes(uri, data):
@@ -150,7 +175,7 @@ def write_bytes(uri, data):
         try:
             engine_io.atomic_write_bytes(local_path(uri), data)
         except OSError as e:
-            raise StorageError(f"{uri}: cannot write: {e.strerror or e}") from None
+            raise StorageError(f"{shown(uri)}: cannot write: {e.strerror or e}") from None
         return
     fs, path = resolve(uri)
     tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}")
@@ -163,7 +188,7 @@ def write_bytes(uri, data):
             fs.delete_file(tmp)
         except OSError:
             pass
-        raise StorageError(f"{uri}: cannot write: {e}") from None
+        raise StorageError(f"{shown(uri)}: cannot write: {e}") from None
 
 
 def put_file(local, uri):
@@ -181,7 +206,7 @@ def check_writable_dir(uri):
     try:
         fs.delete_file(path)
     except OSError as e:
-        raise StorageError(f"{uri}: wrote a probe file but cannot delete it: {e}") from None
+        raise StorageError(f"{shown(uri)}: wrote a probe file but cannot delete it: {e}") from None
 
 
 def list_names(uri):
@@ -192,7 +217,7 @@ def list_names(uri):
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as e:
-        raise StorageError(f"{uri}: cannot list: {e}") from None
+        raise StorageError(f"{shown(uri)}: cannot list: {e}") from None
     return sorted(posixpath.basename(i.path) for i in infos)
 
 
@@ -208,9 +233,13 @@ def fetch(uri, local_dir):
 
     fs, path = resolve(uri)
     target = os.path.join(local_dir, basename(uri))
-    info = fs.get_file_info(path)
+    os.makedirs(local_dir, exist_ok=True)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise StorageError(f"{shown(uri)}: cannot stat: {e}") from None
     if info.type == pafs.FileType.NotFound:
-        raise StorageError(f"{uri}: not found")
+        raise StorageError(f"{shown(uri)}: not found")
     try:
         if info.type == pafs.FileType.Directory:
             os.makedirs(target, exist_ok=True)
@@ -221,5 +250,5 @@ def fetch(uri, local_dir):
                 shutil.copyfileobj(src, tmp, 1 << 22)
             os.replace(tmp.name, target)
     except OSError as e:
-        raise StorageError(f"{uri}: cannot copy to {target}: {e}") from None
+        raise StorageError(f"{shown(uri)}: cannot copy to {target}: {e}") from None
     return target

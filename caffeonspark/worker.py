@@ -214,16 +214,18 @@ class Worker:
         state = job.get("snapshot")
         retry = retry_snapshot(job)
         if retry:
-            log.info("stage retry: resuming from this run's newest snapshot %s", retry)
+            log.info(
+                "stage retry: resuming from this run's newest snapshot %s", storage.shown(retry)
+            )
             state = retry
         if state:
             restore(solver, state, os.path.join(self.workdir, "resume"))
-            log.info("resumed from %s at iteration %d", state, solver.iter)
+            log.info("resumed from %s at iteration %d", storage.shown(state), solver.iter)
         elif job.get("weights"):
             for uri in job["weights"].split(","):
                 local = storage.fetch(uri, self.workdir)
                 solver.net.copy_from(local)
-                log.info("fine-tuning from %s", uri)
+                log.info("fine-tuning from %s", storage.shown(uri))
 
     # --- training ------------------------------------------------------------------------------
     def train(self, solver, comm):
@@ -296,7 +298,7 @@ class Worker:
             ):
                 solver.snapshot()
             storage.write_bytes(job["model"], solver.net.to_proto().SerializeToString())
-            log.info("wrote the trained model to %s", job["model"])
+            log.info("wrote the trained model to %s", storage.shown(job["model"]))
         return self.summary(start_iter, solver.iter, stamps, reduce_times, wait_times, per_rank)
 
     def progress(self, s, now, last, per_rank, max_iter, reduce_times, wait_times):
@@ -387,9 +389,11 @@ class Worker:
         os.unlink(model_file)
         os.unlink(state_file)
         self.snapshots.append(state_uri)
-        record = {"run": self.job.get("run_id"), "iter": int(solver.iter), "state": state_uri}
+        # The name only: the folder's URI may carry credentials, which stay out of files.
+        name = os.path.basename(state_file)
+        record = {"run": self.job.get("run_id"), "iter": int(solver.iter), "state": name}
         storage.write_bytes(snapshot_record(self.job), json.dumps(record).encode("utf-8"))
-        self.send("snapshot", path=state_uri, iter=int(solver.iter))
+        self.send("snapshot", path=storage.shown(state_uri), iter=int(solver.iter))
         return model_uri, state_uri
 
 
@@ -415,10 +419,11 @@ def retry_snapshot(job):
         record = json.loads(storage.read_bytes(uri))
     except (storage.StorageError, ValueError):
         return None
-    state = record.get("state")
-    if record.get("run") != job["run_id"] or not state or not storage.exists(state):
+    name = record.get("state")
+    if record.get("run") != job["run_id"] or not name:
         return None
-    return state
+    state = storage.join(job["snapshot_dir"], name)
+    return state if storage.exists(state) else None
 
 
 def latest_snapshot(folder, stem):
@@ -449,8 +454,8 @@ def restore(solver, state_uri, local_dir):
         found = next((c for c in candidates if storage.exists(c)), None)
         if found is None:
             raise WorkerError(
-                f"{state_uri}: its model {state.learned_net!r} is missing (looked at "
-                f"{', '.join(candidates)})"
+                f"{storage.shown(state_uri)}: its model {state.learned_net!r} is missing "
+                f"(looked at {', '.join(map(storage.shown, candidates))})"
             )
         state.learned_net = storage.fetch(found, local_dir)
     local_state = os.path.join(local_dir, storage.basename(state_uri))

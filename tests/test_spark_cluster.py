@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from s3server import local_s3
 
 from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource, LaunchError, SourceError
 from engine.data import LMDBWriter, array_to_datum
@@ -215,6 +216,44 @@ def local_outputs(solver, model, test_lmdb, count):
     net = Net(param, phase=caffe_pb2.TEST, weights=model)
     net.forward()
     return {k: v.data.copy() for k, v in net.blobs.items()}
+
+
+def test_lmdb_model_and_snapshots_on_s3(spark, data):
+    # The s3:// branch of storage is pyarrow's filesystem layer, the one hdfs:// uses too.
+    with local_s3() as s3:
+        fs = s3.filesystem()
+        for f in Path(data["train"]).iterdir():
+            with fs.open_output_stream(f"{s3.bucket}/data/train_lmdb/{f.name}") as out:
+                out.write(f.read_bytes())
+        folder = data["root"] / "s3run"
+        folder.mkdir()
+        solver = write_solver(
+            folder, s3.uri("data/train_lmdb"), data["test"], 16, max_iter=4, snapshot=2
+        )
+        model = s3.uri("model/lenet.caffemodel")
+        conf = Config(spark, conf=solver, model=model)
+        s = CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+        assert (s.final_iter, s.model) == (4, model)
+        assert s3.names("model") == [
+            "lenet.caffemodel",
+            "lenet_iter_2.caffemodel",
+            "lenet_iter_2.solverstate",
+            "lenet_iter_4.caffemodel",
+            "lenet_iter_4.solverstate",
+            "lenet_snapshots.json",
+        ]
+        conf = Config(spark, conf=solver, model=model, features="ip2")
+        df = CaffeOnSpark(spark).features(DataSource.get(conf, is_train=False))
+        assert df.count() == 103
+        resumed = Config(
+            spark,
+            conf=solver,
+            model=s3.uri("resumed/lenet.caffemodel"),
+            snapshot=s3.uri("model/lenet_iter_2.solverstate"),
+        )
+        again = CaffeOnSpark(spark).train(DataSource.get(resumed, is_train=True))
+        assert (again.iterations, again.final_iter) == (2, 4)
+        assert "lenet.caffemodel" in s3.names("resumed")
 
 
 def test_features_one_row_per_record(spark, data, trained):

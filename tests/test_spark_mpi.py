@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from s3server import SECRET, local_s3
 
-from caffeonspark import launch, worker
+from caffeonspark import launch, storage, worker
 from caffeonspark.comm import FlatBuffer, flat_arrays
 from caffeonspark.comm.mpi import transport_env
 from engine.blob import Blob
@@ -250,6 +251,40 @@ def test_stage_retry_resumes_from_the_runs_newest_snapshot(tmp_path):
     assert "stage retry: resuming" in log
     _, done, _ = _drive(dict(again, run_id="run-b"), tmp_path)  # another run starts afresh
     assert (done["start_iter"], done["iterations"]) == (0, 6)
+
+
+def test_snapshots_and_model_on_s3_and_a_retry_resumes_from_there(tmp_path):
+    with local_s3() as s3:
+        first = dict(
+            _job(tmp_path, max_iter=4, snapshot=2),
+            run_id="run-s3",
+            model=s3.uri("runs/m.caffemodel"),
+            snapshot_dir=s3.uri("runs"),
+        )
+        kinds, done, log = _drive(first, tmp_path)
+        assert kinds.count("snapshot") == 2 and done["iterations"] == 4
+        assert s3.names("runs") == [
+            "m.caffemodel",
+            "m_iter_2.caffemodel",
+            "m_iter_2.solverstate",
+            "m_iter_4.caffemodel",
+            "m_iter_4.solverstate",
+            "m_snapshots.json",
+        ]
+        record = json.loads(storage.read_bytes(s3.uri("runs/m_snapshots.json")))
+        assert record == {"run": "run-s3", "iter": 4, "state": "m_iter_4.solverstate"}
+        assert done["snapshots"][-1] == s3.uri("runs/m_iter_4.solverstate")
+        assert SECRET not in log
+        state = caffe_pb2.SolverState.FromString(
+            storage.read_bytes(s3.uri("runs/m_iter_4.solverstate"))
+        )
+        assert state.learned_net == "m_iter_4.caffemodel"  # found beside the state
+        sp = caffe_pb2.SolverParameter.FromString(base64.b64decode(first["solver"]))
+        sp.max_iter = 6
+        again = dict(first, solver=base64.b64encode(sp.SerializeToString()).decode())
+        _, done, log = _drive(again, tmp_path)
+        assert (done["start_iter"], done["iterations"]) == (4, 2)
+        assert "stage retry: resuming" in log and SECRET not in log
 
 
 def test_worker_error_reaches_the_task_with_its_cause(tmp_path):

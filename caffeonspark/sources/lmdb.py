@@ -33,7 +33,7 @@ class LMDBDataSource(DataSource):
             if not lmdb_io.is_lmdb(path):
                 raise SourceError(f"{self.name}: {path} is not an LMDB (no data.mdb)")
         elif not storage.exists(self.uri):
-            raise SourceError(f"{self.name}: LMDB {self.uri} not found")
+            raise SourceError(f"{self.name}: LMDB {storage.shown(self.uri)} not found")
 
     @property
     def readable_here(self):
