@@ -219,6 +219,24 @@ def _drive(job, workdir, local_rank=0):
     return kinds, done, Path(w.log_path).read_text()
 
 
+# What a 1-rank job with max_iter 4 and snapshot 2 leaves in its model folder (stem "m").
+FOUR_ITERATIONS_SNAPSHOT_EVERY_2 = [
+    "m.caffemodel",
+    "m_iter_2.caffemodel",
+    "m_iter_2.solverstate",
+    "m_iter_4.caffemodel",
+    "m_iter_4.solverstate",
+    "m_snapshots.json",
+]
+
+
+def _with_max_iter(job, max_iter):
+    """The same job (same run) with another max_iter: a stage retry that trains further."""
+    sp = caffe_pb2.SolverParameter.FromString(base64.b64decode(job["solver"]))
+    sp.max_iter = max_iter
+    return dict(job, solver=base64.b64encode(sp.SerializeToString()).decode())
+
+
 def test_worker_trains_and_reports(tmp_path):
     job = dict(_job(tmp_path, max_iter=4, snapshot=2), pin_cpus=True, threads=1)
     kinds, done, log = _drive(job, tmp_path, local_rank=1)
@@ -227,25 +245,14 @@ def test_worker_trains_and_reports(tmp_path):
     assert kinds.count("progress") == 4 and kinds.count("snapshot") == 2
     assert done["iterations"] == 4 and len(done["losses"]) == 4
     out = tmp_path / "out"
-    assert sorted(os.listdir(out)) == sorted(
-        [
-            "m.caffemodel",
-            "m_iter_2.caffemodel",
-            "m_iter_2.solverstate",
-            "m_iter_4.caffemodel",
-            "m_iter_4.solverstate",
-            "m_snapshots.json",
-        ]
-    )
+    assert sorted(os.listdir(out)) == FOUR_ITERATIONS_SNAPSHOT_EVERY_2
     assert worker.latest_snapshot(str(out), "m") == str(out / "m_iter_4.solverstate")
 
 
 def test_stage_retry_resumes_from_the_runs_newest_snapshot(tmp_path):
     first = dict(_job(tmp_path, max_iter=4, snapshot=2), run_id="run-a")
     _drive(first, tmp_path)
-    sp = caffe_pb2.SolverParameter.FromString(base64.b64decode(first["solver"]))
-    sp.max_iter = 6
-    again = dict(first, solver=base64.b64encode(sp.SerializeToString()).decode())
+    again = _with_max_iter(first, 6)
     _, done, log = _drive(again, tmp_path)  # a retry of run-a: continues at iteration 4
     assert (done["start_iter"], done["iterations"]) == (4, 2)
     assert "stage retry: resuming" in log
@@ -263,14 +270,7 @@ def test_snapshots_and_model_on_s3_and_a_retry_resumes_from_there(tmp_path):
         )
         kinds, done, log = _drive(first, tmp_path)
         assert kinds.count("snapshot") == 2 and done["iterations"] == 4
-        assert s3.names("runs") == [
-            "m.caffemodel",
-            "m_iter_2.caffemodel",
-            "m_iter_2.solverstate",
-            "m_iter_4.caffemodel",
-            "m_iter_4.solverstate",
-            "m_snapshots.json",
-        ]
+        assert s3.names("runs") == FOUR_ITERATIONS_SNAPSHOT_EVERY_2
         record = json.loads(storage.read_bytes(s3.uri("runs/m_snapshots.json")))
         assert record == {"run": "run-s3", "iter": 4, "state": "m_iter_4.solverstate"}
         assert done["snapshots"][-1] == s3.uri("runs/m_iter_4.solverstate")
@@ -279,10 +279,7 @@ def test_snapshots_and_model_on_s3_and_a_retry_resumes_from_there(tmp_path):
             storage.read_bytes(s3.uri("runs/m_iter_4.solverstate"))
         )
         assert state.learned_net == "m_iter_4.caffemodel"  # found beside the state
-        sp = caffe_pb2.SolverParameter.FromString(base64.b64decode(first["solver"]))
-        sp.max_iter = 6
-        again = dict(first, solver=base64.b64encode(sp.SerializeToString()).decode())
-        _, done, log = _drive(again, tmp_path)
+        _, done, log = _drive(_with_max_iter(first, 6), tmp_path)  # a retry of run-s3
         assert (done["start_iter"], done["iterations"]) == (4, 2)
         assert "stage retry: resuming" in log and SECRET not in log
 
