@@ -163,7 +163,8 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"numpy {np.__version__}, copy threads {num_threads()}, load average {load:.2f}, "
-        f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}"
+        f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}, "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}"
     )
     shapes = [(1024, 1024, 1024), (32, 800, 25600), (64, 800, 6400), (50, 500, 4096)]
     rates = ", ".join(f"{m}x{k}x{n}: {sgemm_gflops(m, k, n):.1f}" for m, k, n in shapes)
