@@ -35,6 +35,7 @@ from engine import backend
 _PARALLEL_MIN = 1 << 16
 _PREFIX = "engine-batch"
 _pool = {"executor": None, "threads": None}
+_workspace = threading.local()
 
 
 def _forget_pool():
@@ -162,6 +163,26 @@ def scratch(cache, key, shape, dtype=np.float32, xp=np, fill=None):
         arr = xp.empty(shape, dtype=dtype) if fill is None else xp.full(shape, fill, dtype=dtype)
         cache[key] = arr
     return arr
+
+
+def workspace(role, shape, dtype=np.float32, xp=np):
+    """A work array shared by every layer that runs in this thread, one per `role`: valid
+    until the next request for the same role, so a layer takes it, fills it and is done with
+    it within one forward or backward. A net then holds one such array per role (the size of
+    its largest request) instead of one per layer; per-layer `scratch` stays for arrays that
+    must outlive the call (kept columns, zero-bordered work arrays)."""
+    pools = getattr(_workspace, "pools", None)
+    if pools is None:
+        pools = _workspace.pools = {}
+    shape = tuple(int(d) for d in shape)
+    count = 1
+    for d in shape:
+        count *= d
+    key = (role, np.dtype(dtype).str, xp.__name__)
+    flat = pools.get(key)
+    if flat is None or flat.size < count:
+        flat = pools[key] = xp.empty(max(count, 1), dtype=dtype)
+    return flat[:count].reshape(shape)
 
 
 def _geometry(spatial, kernel, pad, stride, dilation):

@@ -362,6 +362,42 @@ def test_convolution_chunked_batch_matches_single_chunk(monkeypatch, keep):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_convolutions_interleaved_share_the_workspace_safely(monkeypatch, keep):
+    # Two layers run as in a net (forward 1, forward 2, backward 2, backward 1), with chunked
+    # columns in the thread's shared workspace: each must give what it gives alone.
+    monkeypatch.setattr(conv_module, "COL_BUDGET", 2 * 36 * 36)
+    monkeypatch.setattr(conv_module, "KEEP_BUDGET", conv_module.KEEP_BUDGET * keep)
+    specs = [
+        ("num_output: 4 kernel_size: 3 pad: 1", (5, 4, 6, 6)),
+        ("num_output: 3 kernel_size: 3", (5, 4, 6, 6)),
+    ]
+
+    def make(i):
+        layer = conv_layer("Convolution", specs[i][0])
+        bottom, top = setup(layer, randn(*specs[i][1], seed=i))
+        return layer, bottom, top
+
+    alone = []
+    for i in range(2):
+        layer, bottom, top = make(i)
+        (y,) = run(layer, bottom, top)
+        top[0].diff[...] = randn(*y.shape, seed=10 + i)
+        layer.backward(top, [True], bottom)
+        alone.append((y.copy(), bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
+    layers = [make(i) for i in range(2)]
+    for layer, bottom, top in layers:
+        run(layer, bottom, top)
+    for i, (layer, bottom, top) in reversed(list(enumerate(layers))):
+        top[0].diff[...] = randn(*top[0].shape, seed=10 + i)
+        layer.backward(top, [True], bottom)
+    for (layer, bottom, top), ref in zip(layers, alone):
+        assert layer.chunk < 5 and layer.keep_cols == keep
+        got = (top[0].data, bottom[0].diff, layer.blobs[0].diff)
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize(
     "case", ["basic", "pad_stride", "rect", "dilation", "group", "same", "same_rect"]
 )

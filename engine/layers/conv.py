@@ -7,6 +7,8 @@ The weight gradient keeps Caffe's per-image accumulation order (dW += dY_n col_n
 image): one large GEMM would sum in another float32 order, and training then drifts from
 Caffe's. Stride-1 "same-size" layers with C_out <= C_in get their bottom gradient as a
 convolution of the top diff with the flipped weights (no column gradient, no col2im).
+Work matrices that live only within one forward or backward come from the thread's shared
+workspace (one per role for the whole net); only the kept columns are the layer's own.
 """
 
 import numpy as np
@@ -21,6 +23,7 @@ from engine.im2col import (
     parallel_batch,
     scratch,
     shift_work_shape,
+    workspace,
 )
 from engine.layer import Layer, register
 
@@ -153,7 +156,7 @@ class BaseConvolution(Layer):
         if self.bias_term:
             self.add_blob((self.num_output,), cp.bias_filler)
         self._buf = {}
-        self._col_ready = {}
+        self._cols_kept = {}
         self._shape_key = None
 
     def reshape(self, bottom, top):
@@ -213,7 +216,7 @@ class BaseConvolution(Layer):
         pieces = -(-self.num // max(1, FLIP_BUDGET // max(flip_image, 1)))
         self.flip_chunk = -(-self.num // pieces)
         self._buf = {}
-        self._col_ready = {}
+        self._cols_kept = {}
 
     def _batch_minor_wins(self, pieces):
         """Whether col2im for the bottom gradient should run on batch-minor columns.
@@ -246,9 +249,9 @@ class BaseConvolution(Layer):
     def _geom(self):
         return self.kernel, self.pad, self.stride, self.dilation
 
-    def _matrix(self, name, rows, m, xp):
-        """A (rows, m * map_dim) work matrix kept between calls."""
-        return scratch(self._buf, (name, m), (rows, m * self.map_dim), xp=xp)
+    def _matrix(self, role, rows, m, xp):
+        """A (rows, m * map_dim) work matrix from the thread's shared workspace."""
+        return workspace(role, (rows, m * self.map_dim), xp=xp)
 
     def _padded(self, name, m, xp, fill=None):
         padded = tuple(s + 2 * p for s, p in zip(self.img_spatial, self.pad))
@@ -265,7 +268,7 @@ class BaseConvolution(Layer):
             full = scratch(self._buf, ("cols", slot), shape, xp=xp)
             col = full[:, n0 * self.map_dim : (n0 + m) * self.map_dim]
         else:
-            col = self._matrix(("col", slot), self.kernel_dim, m, xp)
+            col = self._matrix("col", self.kernel_dim, m, xp)
         shift_shape = shift_work_shape(img.shape, *self._geom())
         if shift_shape is not None:  # stride 1, 2-D: the shifted-rows path
             work = scratch(self._buf, ("shift", m), shift_shape, xp=xp, fill=0)
@@ -276,7 +279,9 @@ class BaseConvolution(Layer):
 
     def _uncolumns(self, col, out):
         """col2im of col (K, m * P) into out (m, C_img, *img_spatial), overwriting it."""
-        work = self._padded("acc", out.shape[0], backend.get_array_module(col))
+        xp = backend.get_array_module(col)
+        padded = tuple(s + 2 * p for s, p in zip(self.img_spatial, self.pad))
+        work = workspace("acc", (self.img_channels, out.shape[0]) + padded, xp=xp)
         col2im(col, out.shape, *self._geom(), out=out, work=work)
 
     def _uncolumns_nlast(self, col, out):
@@ -284,7 +289,7 @@ class BaseConvolution(Layer):
         xp = backend.get_array_module(col)
         m = out.shape[0]
         padded = tuple(s + 2 * p for s, p in zip(self.img_spatial, self.pad))
-        work = scratch(self._buf, ("nacc", m), (self.img_channels,) + padded + (m,), xp=xp)
+        work = workspace("nacc", (self.img_channels,) + padded + (m,), xp=xp)
         shape = (self.img_channels,) + self.kernel + self.map_spatial + (m,)
         col2im_nlast(col.reshape(shape), *self._geom(), out=out, work=work)
 
@@ -371,7 +376,7 @@ class BaseConvolution(Layer):
         # i.e. ((dW + G_0) + G_1) + ... exactly as Caffe accumulates. Blocks of images keep
         # the parts in cache.
         block = max(2, min(m, WGRAD_BLOCK // max(kg * mg, 1)))
-        parts = scratch(self._buf, ("wgrad", block), (block + 1, kg, mg), xp=xp)
+        parts = workspace("wgrad", (block + 1, kg, mg), xp=xp)
         for g in range(self.group):
             c = cols[:, g * kg : (g + 1) * kg]
             a = maps[:, g * mg : (g + 1) * mg].swapaxes(1, 2)
@@ -396,7 +401,7 @@ class BaseConvolution(Layer):
         xp = backend.get_array_module(top_diff3)
         ones = scratch(self._buf, "ones", (top_diff3.shape[2],), xp=xp, fill=1.0)
         n, c = top_diff3.shape[:2]
-        parts = scratch(self._buf, "bparts", (n + 1, c), xp=xp)
+        parts = workspace("bparts", (n + 1, c), xp=xp)
         xp.matmul(top_diff3, ones, out=parts[1:])  # (N, C_out): one GEMV per image, like Caffe
         db = self.blobs[1].diff
         if c < 2:  # a contiguous reduction would sum pairwise: keep the plain order
@@ -451,8 +456,7 @@ class Convolution(BaseConvolution):
                 if bias is not None:
                     out += bias[:, None]
                 continue
-            chunks = self._chunks()
-            for n0, n1 in chunks:
+            for n0, n1 in self._chunks():
                 col = self._columns(img[n0:n1], slot, n0)
                 xp = backend.get_array_module(col)
                 if self.fwd_per_image:
@@ -468,9 +472,9 @@ class Convolution(BaseConvolution):
                 rows = self._matrix("rows", self.num_output, n1 - n0, xp)
                 self._map_from_col(col, rows)
                 self._from_rows(rows, out[n0:n1], bias)
-            # Columns still valid for backward (the bottom does not change in between): all
-            # of them, or the last chunk's.
-            self._col_ready[slot] = "all" if self.keep_cols else chunks[-1]
+            # Kept columns stay valid for backward (the bottom does not change in between);
+            # chunk columns live in the shared workspace and are rebuilt there.
+            self._cols_kept[slot] = self.keep_cols
 
     def backward(self, top, propagate_down, bottom):
         need_w = self.param_propagate(0)
@@ -499,15 +503,11 @@ class Convolution(BaseConvolution):
                 m = n1 - n0
                 xp = backend.get_array_module(img)
                 if need_w:  # the columns are needed only here
-                    ready = self._col_ready.get(slot)
-                    if ready == "all":
+                    if self._cols_kept.get(slot):
                         full = self._buf[("cols", slot)]
                         col = full[:, n0 * self.map_dim : n1 * self.map_dim]
-                    elif ready == (n0, n1):
-                        col = self._buf[(("col", slot), m)]
                     else:
                         col = self._columns(img[n0:n1], slot)
-                        self._col_ready[slot] = (n0, n1)
                     self._weight_grad(dmap[n0:n1], self._col_images(col, m))
                 if need_x:
                     dcol = self._matrix("dcol", self.kernel_dim, m, xp)
@@ -527,15 +527,15 @@ class Convolution(BaseConvolution):
         pad = tuple(k - 1 - p for k, p in zip(self.kernel, self.pad))
         geom = (self.kernel, pad, (1, 1), (1, 1))
         w = self.blobs[0].data
-        wf = scratch(self._buf, "wflip", (self.channels, w.size // self.channels), xp=xp)
+        wf = workspace("wflip", (self.channels, w.size // self.channels), xp=xp)
         wf.reshape((self.channels, self.num_output) + self.kernel)[...] = w[
             :, :, ::-1, ::-1
         ].swapaxes(0, 1)
         kdim = wf.shape[1]
-        col = scratch(self._buf, ("fcol", m), (kdim, m * self.img_dim), xp=xp)
+        col = workspace("fcol", (kdim, m * self.img_dim), xp=xp)
         work = scratch(self._buf, ("fshift", m), shift_work_shape(dy.shape, *geom), xp=xp, fill=0)
         im2col(dy, *geom, out=col, work=work)
-        rows = scratch(self._buf, ("frows", m), (self.channels, m * self.img_dim), xp=xp)
+        rows = workspace("frows", (self.channels, m * self.img_dim), xp=xp)
         xp.matmul(wf, col, out=rows)
         r3 = rows.reshape(self.channels, m, self.img_dim)
         out = dimg.reshape(m, self.channels, self.img_dim)
@@ -573,7 +573,7 @@ class Deconvolution(BaseConvolution):
                 for n0, n1 in self._chunks():
                     rows = self._to_rows(dmap[n0:n1], "drows")
                     xp = backend.get_array_module(rows)
-                    col = self._matrix(("col", 0), self.kernel_dim, n1 - n0, xp)
+                    col = self._matrix("col", self.kernel_dim, n1 - n0, xp)
                     self._col_from_map(rows, col)
                     self._uncolumns(col, out[n0:n1])
             if bias is not None:
