@@ -23,6 +23,19 @@ def _check_label_range(layer, lab, valid, num_classes):
         raise layer.error(f"label {int(lab[bad][0])} outside [0, {num_classes})")
 
 
+def _rows_and_labels(layer, bottom):
+    """bottom[0] as an N x K matrix and bottom[1] as N checked integer labels; keeps
+    layer.rows (0..N-1) and layer.lab for indexing each row's labelled entry."""
+    xp = get_array_module(bottom[0].data)
+    n = bottom[0].shape[0]
+    x = bottom[0].data.reshape(n, -1)
+    lab = _int_labels(bottom[1].data.reshape(-1))
+    _check_label_range(layer, lab, xp.ones(lab.shape, dtype=bool), x.shape[1])
+    layer.rows = xp.arange(n)
+    layer.lab = lab
+    return x
+
+
 @register("HingeLoss")
 class HingeLoss(LossLayer):
     """loss = sum_{n,k} max(0, 1 - d_nk x_nk)^p / N, d_nk = 1 if k == label_n else -1,
@@ -38,13 +51,9 @@ class HingeLoss(LossLayer):
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
         n = bottom[0].shape[0]
-        x = bottom[0].data.reshape(n, -1)
-        lab = _int_labels(bottom[1].data.reshape(-1))
-        _check_label_range(self, lab, xp.ones(lab.shape, dtype=bool), x.shape[1])
-        self.rows = xp.arange(n)
-        self.lab = lab
+        x = _rows_and_labels(self, bottom)
         margin = x.copy()
-        margin[self.rows, lab] *= -1
+        margin[self.rows, self.lab] *= -1
         margin += 1
         xp.maximum(margin, 0, out=margin)
         # Caffe leaves the margins in bottom[0].diff; keep our own copy for backward too, so
@@ -299,12 +308,8 @@ class MultinomialLogisticLoss(LossLayer):
     def forward(self, bottom, top):
         xp = get_array_module(bottom[0].data)
         n = bottom[0].shape[0]
-        prob = bottom[0].data.reshape(n, -1)
-        lab = _int_labels(bottom[1].data.reshape(-1))
-        _check_label_range(self, lab, xp.ones(lab.shape, dtype=bool), prob.shape[1])
-        self.rows = xp.arange(n)
-        self.lab = lab
-        self.p = xp.maximum(prob[self.rows, lab], LOG_THRESHOLD)
+        prob = _rows_and_labels(self, bottom)
+        self.p = xp.maximum(prob[self.rows, self.lab], LOG_THRESHOLD)
         top[0].data[...] = -xp.log(self.p).sum(dtype=np.float64) / n
 
     def backward(self, top, propagate_down, bottom):
