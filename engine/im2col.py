@@ -23,6 +23,7 @@ thread meanwhile, through its C API when NumPy's BLAS is OpenBLAS).
 
 import ctypes
 import itertools
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -175,9 +176,7 @@ def workspace(role, shape, dtype=np.float32, xp=np):
     if pools is None:
         pools = _workspace.pools = {}
     shape = tuple(int(d) for d in shape)
-    count = 1
-    for d in shape:
-        count *= d
+    count = math.prod(shape)
     key = (role, np.dtype(dtype).str, xp.__name__)
     flat = pools.get(key)
     if flat is None or flat.size < count:

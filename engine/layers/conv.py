@@ -253,9 +253,12 @@ class BaseConvolution(Layer):
         """A (rows, m * map_dim) work matrix from the thread's shared workspace."""
         return workspace(role, (rows, m * self.map_dim), xp=xp)
 
+    def _padded_spatial(self):
+        return tuple(s + 2 * p for s, p in zip(self.img_spatial, self.pad))
+
     def _padded(self, name, m, xp, fill=None):
-        padded = tuple(s + 2 * p for s, p in zip(self.img_spatial, self.pad))
-        return scratch(self._buf, (name, m), (self.img_channels, m) + padded, xp=xp, fill=fill)
+        shape = (self.img_channels, m) + self._padded_spatial()
+        return scratch(self._buf, (name, m), shape, xp=xp, fill=fill)
 
     def _columns(self, img, slot, n0=None):
         """im2col of img (m, C_img, *img_spatial): (K, m * P). With `n0` (forward) and
@@ -280,16 +283,14 @@ class BaseConvolution(Layer):
     def _uncolumns(self, col, out):
         """col2im of col (K, m * P) into out (m, C_img, *img_spatial), overwriting it."""
         xp = backend.get_array_module(col)
-        padded = tuple(s + 2 * p for s, p in zip(self.img_spatial, self.pad))
-        work = workspace("acc", (self.img_channels, out.shape[0]) + padded, xp=xp)
+        work = workspace("acc", (self.img_channels, out.shape[0]) + self._padded_spatial(), xp=xp)
         col2im(col, out.shape, *self._geom(), out=out, work=work)
 
     def _uncolumns_nlast(self, col, out):
         """col2im of batch-minor columns col (K, P * m) into out (m, C_img, *img_spatial)."""
         xp = backend.get_array_module(col)
         m = out.shape[0]
-        padded = tuple(s + 2 * p for s, p in zip(self.img_spatial, self.pad))
-        work = workspace("nacc", (self.img_channels,) + padded + (m,), xp=xp)
+        work = workspace("nacc", (self.img_channels,) + self._padded_spatial() + (m,), xp=xp)
         shape = (self.img_channels,) + self.kernel + self.map_spatial + (m,)
         col2im_nlast(col.reshape(shape), *self._geom(), out=out, work=work)
 

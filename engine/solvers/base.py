@@ -639,7 +639,9 @@ class Solver:
         io.write_binary(state_file, state)
         paths = (model_file, state_file)
         for hook in self.on_snapshot:
-            paths = hook(self, *paths) or paths
+            replaced = hook(self, *paths)
+            if replaced is not None:
+                paths = replaced
         return paths
 
     def restore(self, state_file):
