@@ -221,10 +221,7 @@ def local_outputs(solver, model, test_lmdb, count):
 def test_lmdb_model_and_snapshots_on_s3(spark, data):
     # The s3:// branch of storage is pyarrow's filesystem layer, the one hdfs:// uses too.
     with local_s3() as s3:
-        fs = s3.filesystem()
-        for f in Path(data["train"]).iterdir():
-            with fs.open_output_stream(f"{s3.bucket}/data/train_lmdb/{f.name}") as out:
-                out.write(f.read_bytes())
+        s3.upload_folder(data["train"], "data/train_lmdb")
         folder = data["root"] / "s3run"
         folder.mkdir()
         solver = write_solver(

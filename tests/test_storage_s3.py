@@ -56,10 +56,7 @@ def test_fetch_folder_copies_an_lmdb(s3, tmp_path):
     with LMDBWriter(str(db)) as w:
         for i in range(5):
             w.put(f"{i:08d}", bytes([i]) * 10)
-    fs = s3.filesystem()
-    for f in db.iterdir():
-        with fs.open_output_stream(f"{s3.bucket}/data/digits_lmdb/{f.name}") as out:
-            out.write(f.read_bytes())
+    s3.upload_folder(db, "data/digits_lmdb")
     (tmp_path / "down").mkdir()
     local = storage.fetch(s3.uri("data/digits_lmdb"), str(tmp_path / "down"))
     assert [v for _, v in read_all(local)] == [bytes([i]) * 10 for i in range(5)]
