@@ -1,0 +1,186 @@
+"""Stride-1 2-D convolution through the discrete Fourier transform, every transform a matrix
+product: for small images and 5x5-like kernels this needs a third of im2col's multiply-adds.
+
+Each signal (an image, a top map or a kernel) sits at an offset inside one padded frame
+Fh x Fw (Fh = H + 2 ph, Fw = W + 2 pw); in that frame the circular correlation of image and
+kernel equals Caffe's convolution on the output pixels (no wrap-around reaches them), and the
+adjoint products give both gradients, so forward and backward are exact up to float rounding
+(about 2e-7 of the largest value, like the GEMM path).
+
+A spectrum is a real array (2, Fh, Fr, B): real and imaginary parts, every row frequency u,
+the column frequencies v < Fr = Fw // 2 + 1 (the rest follow by symmetry), then B signals. So
+the channel sums at one frequency are one small complex matrix product over the B axis, and
+the transforms are GEMMs that read and write NCHW arrays in place (their strides go to BLAS;
+no transposed copies).
+"""
+
+import functools
+import math
+import os
+
+import numpy as np
+
+from engine.im2col import batched_matmul, workspace
+
+FORWARD_ENV = "ENGINE_FOURIER_FORWARD"
+
+
+def forward_enabled():
+    """Whether forward passes may run through the transform as well (ENGINE_FOURIER_FORWARD=1).
+
+    Off by default: gradients through the transform round differently from Caffe's GEMMs by
+    ~2e-7 of their size, which training shrugs off, but a forward output that differs from
+    Caffe's can flip a max-pool or ReLU near-tie and send training on another path (one of
+    the golden LeNet runs then leaves Caffe's loss by 8e-4 after 26 iterations). With the
+    forward on the GEMM path, every output matches Caffe's to the last bit as before.
+    """
+    return os.environ.get(FORWARD_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=256)
+def _row_forward(frame, length, offset, dtype):
+    """(2 Fr, length): the half-spectrum DFT of a real row placed at `offset` in `frame`
+    samples; output rows are (real/imag, v)."""
+    v = np.arange(frame // 2 + 1)[:, None]
+    angle = 2 * np.pi * v * (np.arange(length) + offset)[None, :] / frame
+    return np.concatenate([np.cos(angle), -np.sin(angle)]).astype(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _col_forward(frame, length, offset, dtype):
+    """(2 F, 2 length): the complex DFT along a column, on inputs ordered (t, real/imag) and
+    giving outputs ordered (real/imag, u)."""
+    u = np.arange(frame)[:, None]
+    angle = 2 * np.pi * u * (np.arange(length) + offset)[None, :] / frame
+    c, s = np.cos(angle), np.sin(angle)
+    m = np.empty((2, frame, length, 2))
+    m[0, :, :, 0], m[0, :, :, 1] = c, s  # (a + ib)(c - is): real c a + s b
+    m[1, :, :, 0], m[1, :, :, 1] = -s, c  # imaginary c b - s a
+    return m.reshape(2 * frame, 2 * length).astype(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _col_inverse(frame, length, offset, dtype):
+    """(2 length, 2 F): the inverse complex DFT along a column (1/F included), evaluated at
+    positions offset..offset+length-1, on inputs (real/imag, u), outputs (t, real/imag)."""
+    t = (np.arange(length) + offset)[:, None]
+    angle = 2 * np.pi * t * np.arange(frame)[None, :] / frame
+    c, s = np.cos(angle) / frame, np.sin(angle) / frame
+    m = np.empty((length, 2, 2, frame))
+    m[:, 0, 0], m[:, 0, 1] = c, -s  # (a + ib)(c + is): real c a - s b
+    m[:, 1, 0], m[:, 1, 1] = s, c  # imaginary s a + c b
+    return m.reshape(2 * length, 2 * frame).astype(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_inverse(frame, length, offset, dtype):
+    """(2 Fr, length): the real inverse DFT of a half spectrum (real/imag, v), evaluated at
+    positions offset..offset+length-1; the missing half is counted by doubling."""
+    half = frame // 2 + 1
+    weight = np.full(half, 2.0)
+    weight[0] = 1.0
+    if frame % 2 == 0:
+        weight[-1] = 1.0
+    angle = 2 * np.pi * np.arange(half)[:, None] * (np.arange(length) + offset)[None, :] / frame
+    scale = (weight / frame)[:, None]
+    return np.concatenate([scale * np.cos(angle), -scale * np.sin(angle)]).astype(dtype)
+
+
+class Plan:
+    """The transforms of one geometry: images (H, W) padded by (ph, pw), kernel (kh, kw),
+    stride 1, dilation 1. The three kinds of signal: images (at the pad offset), maps (top
+    blobs, at 0) and kernels (at 0)."""
+
+    def __init__(self, in_spatial, kernel, pad, dtype=np.float32):
+        (h, w), (kh, kw), (ph, pw) = in_spatial, kernel, pad
+        self.frame = (h + 2 * ph, w + 2 * pw)
+        self.out_spatial = (self.frame[0] - kh + 1, self.frame[1] - kw + 1)
+        self.half = self.frame[1] // 2 + 1
+        self.freqs = self.frame[0] * self.half
+        self.dtype = np.dtype(dtype)
+        self.sides = {
+            "image": (tuple(in_spatial), tuple(pad)),
+            "map": (self.out_spatial, (0, 0)),
+            "kernel": (tuple(kernel), (0, 0)),
+        }
+
+    def spectrum_shape(self, count):
+        return (2, self.frame[0], self.half, count)
+
+    def transform_macs(self, side, count):
+        """Multiply-adds of the forward (or inverse) transform of `count` signals."""
+        (h, w), _ = self.sides[side]
+        return count * (h * w * 2 * self.half + 4 * self.frame[0] * h * self.half)
+
+    def macs(self, num, c_in, c_out):
+        """Multiply-adds of one forward pass: image and map transforms and the products."""
+        products = 4 * self.freqs * num * c_in * c_out
+        return (
+            self.transform_macs("image", num * c_in)
+            + self.transform_macs("map", num * c_out)
+            + self.transform_macs("kernel", c_in * c_out)
+            + products
+        )
+
+    def spectrum(self, side, signals, out):
+        """out (2, Fh, Fr, B) = the spectrum of `signals` (B, h, w) placed in the frame."""
+        (h, w), (oh, ow) = self.sides[side]
+        count = signals.shape[0]
+        fh, fw = self.frame
+        rows = workspace("fourier_rows", (h, 2 * self.half, count), self.dtype)
+        # Row transform, one GEMM per image row: (2 Fr, w) @ (w, B) reading the NCHW batch.
+        np.matmul(_row_forward(fw, w, ow, self.dtype), signals.transpose(1, 2, 0), out=rows)
+        # Column transform, one GEMM: (2 Fh, 2 h) @ (2 h, Fr B); rows of `rows` are (t, re/im).
+        col = _col_forward(fh, h, oh, self.dtype)
+        np.matmul(col, rows.reshape(2 * h, self.half * count), out=_matrix(out, 2 * fh))
+        return out
+
+    def inverse(self, side, spectrum, out):
+        """out (B, h, w) = the real signal of `spectrum` (2, Fh, Fr, B) at the side's place."""
+        (h, w), (oh, ow) = self.sides[side]
+        fh, fw = self.frame
+        count = spectrum.shape[-1]
+        cols = workspace("fourier_cols", (h, 2 * self.half, count), self.dtype)
+        icol = _col_inverse(fh, h, oh, self.dtype)
+        np.matmul(icol, _matrix(spectrum, 2 * fh), out=cols.reshape(2 * h, -1))
+        irow = _row_inverse(fw, w, ow, self.dtype)
+        # One GEMM per output row, (B, 2 Fr) @ (2 Fr, w), written straight into NCHW.
+        np.matmul(cols.transpose(0, 2, 1), irow, out=out.transpose(1, 0, 2))
+        return out
+
+
+def _matrix(spectrum, rows):
+    """A contiguous spectrum as a (rows, -1) matrix view (a copy would lose the writes)."""
+    if not spectrum.flags.c_contiguous:
+        raise ValueError("spectra must be contiguous arrays")
+    return spectrum.reshape(rows, -1)
+
+
+def cmatmul(a, b, out, conj_a=False, conj_b=False):
+    """out = a @ b over stacks of complex matrices held as (2, F, m, k) real/imaginary parts
+    (either operand optionally conjugated): four real batched products, the F items split
+    between threads."""
+    sa = -1.0 if conj_a else 1.0
+    sb = -1.0 if conj_b else 1.0
+    extra = workspace("fourier_product", out.shape[1:], out.dtype)
+    batched_matmul(a[0], b[0], out[0])
+    batched_matmul(a[1], b[1], extra)
+    if sa * sb > 0:
+        np.subtract(out[0], extra, out=out[0])
+    else:
+        np.add(out[0], extra, out=out[0])
+    batched_matmul(a[0], b[1], out[1])
+    batched_matmul(a[1], b[0], extra)
+    # imaginary part: sb * re(a) im(b) + sa * im(a) re(b)
+    if sb < 0:
+        np.negative(out[1], out=out[1])
+    if sa > 0:
+        np.add(out[1], extra, out=out[1])
+    else:
+        np.subtract(out[1], extra, out=out[1])
+    return out
+
+
+def direct_macs(num, c_in, c_out, kernel, out_spatial):
+    """Multiply-adds of one im2col GEMM forward pass, for comparison with Plan.macs."""
+    return num * c_in * c_out * math.prod(kernel) * math.prod(out_spatial)
