@@ -2,10 +2,14 @@
 ms per forward+backward, per-layer times, GFLOP/s of the conv/IP layers and the machine's SGEMM.
 
     python bench/engine_speed.py [--iters 20] [--warmup 3] [--rounds 1] [--nets lenet ...]
-        [--force-backward] [--golden ../shared/golden] [--keep-blas-env]
+        [--force-backward] [--fourier-forward] [--golden ../shared/golden] [--keep-blas-env]
 
 Like `caffe time`: TRAIN phase, random input, no gradient into the data unless
 --force-backward (the golden prototxts set force_backward; `caffe time` nets do not).
+Convolutions that the cost model sends through the Fourier transform (engine.fourier) show
+"dft" (gradients) or "dft+fwd" (forward too, with --fourier-forward or ENGINE_FOURIER_FORWARD=1)
+in the "path" column; their GFLOP and GFLOP/s count im2col's multiply-adds, so they read as
+the rate an im2col convolution would need for the same time.
 OpenBLAS worker threads busy-wait ~0.1 s after each call by default and then compete with
 the copies that follow; unless --keep-blas-env, this script sets OPENBLAS_THREAD_TIMEOUT=4
 (before NumPy loads OpenBLAS), which made timings both faster and stable here.
@@ -27,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402
-from engine import io  # noqa: E402
+from engine import fourier, io  # noqa: E402
 from engine.im2col import num_threads  # noqa: E402
 
 NETS = {"lenet": 64, "cifar10_quick": 100}
@@ -125,7 +129,9 @@ def report(name, net, result, rounds):
         f"target {TARGET_MS[name]} ms, Caffe {CAFFE_MS[name]} ms"
     )
     print("per layer (minimum over iterations):")
-    print(f"{'layer':<14}{'type':<16}{'fwd ms':>9}{'bwd ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
+    print(
+        f"{'layer':<14}{'type':<16}{'path':<9}{'fwd ms':>9}{'bwd ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}"
+    )
     flop_total = 0.0
     gemm_ms = 0.0
     for i, layer in enumerate(net.layers):
@@ -139,8 +145,14 @@ def report(name, net, result, rounds):
             gemm_ms += f_ms[i] + b_ms[i]
         rate = f"{flop / ((f_ms[i] + b_ms[i]) * 1e6):9.1f}" if mac else ""
         gf = f"{flop / 1e9:9.3f}" if mac else ""
+        path = ""
+        if getattr(layer, "fourier", None) is not None:
+            path = "dft+fwd" if layer.fourier_forward else "dft"
+        elif layer.type_name in ("Convolution", "Deconvolution"):
+            path = "im2col"
         print(
-            f"{net.layer_names[i]:<14}{layer.type_name:<16}{f_ms[i]:9.2f}{b_ms[i]:9.2f}{gf}{rate}"
+            f"{net.layer_names[i]:<14}{layer.type_name:<16}{path:<9}{f_ms[i]:9.2f}{b_ms[i]:9.2f}"
+            f"{gf}{rate}"
         )
     print(
         f"conv+IP: {flop_total / 1e9:.3f} GFLOP in {gemm_ms:.2f} ms = "
@@ -158,13 +170,21 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=1, help="repeat; report the fastest round")
     ap.add_argument("--force-backward", action="store_true")
     ap.add_argument("--keep-blas-env", action="store_true")
+    ap.add_argument(
+        "--fourier-forward",
+        action="store_true",
+        help=f"forward passes through the Fourier transform too (sets {fourier.FORWARD_ENV}=1)",
+    )
     ap.add_argument("--golden", type=Path, default=ROOT.parent / "shared" / "golden")
     args = ap.parse_args(argv)
+    if args.fourier_forward:
+        os.environ[fourier.FORWARD_ENV] = "1"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"numpy {np.__version__}, copy threads {num_threads()}, load average {load:.2f}, "
         f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}, "
-        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}"
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}, "
+        f"{fourier.FORWARD_ENV}={os.environ.get(fourier.FORWARD_ENV, 'unset')}"
     )
     shapes = [(1024, 1024, 1024), (32, 800, 25600), (64, 800, 6400), (50, 500, 4096)]
     rates = ", ".join(f"{m}x{k}x{n}: {sgemm_gflops(m, k, n):.1f}" for m, k, n in shapes)
