@@ -142,6 +142,10 @@ def test_cost_model_picks_the_transform_only_where_it_saves_work():
     assert not _picks("num_output: 32 kernel_size: 5 pad: 2", (100, 3, 32, 32))
     # Large images: dense transforms cost more than they save.
     assert not _picks("num_output: 64 kernel_size: 3 pad: 1", (2, 64, 224, 224))
+    # Many channels: VGG-16's conv4_2 would save multiply-adds, but its kernel spectrum
+    # would take 1 GB; GoogLeNet's inception_4e/5x5 at batch 8 is fine.
+    assert not _picks("num_output: 512 kernel_size: 3 pad: 1", (8, 512, 28, 28))
+    assert _picks("num_output: 128 kernel_size: 5 pad: 2", (8, 32, 14, 14))
     # Outside its reach: strides, dilation, groups, engine: CAFFE.
     assert not _picks("num_output: 50 kernel_size: 5 stride: 2", (64, 20, 12, 12))
     assert not _picks("num_output: 50 kernel_size: 5 dilation: 2", (64, 20, 12, 12))

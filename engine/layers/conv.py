@@ -35,6 +35,10 @@ from engine.layer import Layer, register
 # backward); its small GEMMs run at a lower rate, so a bare saving is not enough.
 # `engine: CAFFE` in convolution_param keeps Caffe's im2col order whatever the shape.
 FOURIER_GAIN = 2.0
+# ...and while each of its spectra (images, top maps, kernels) stays within this many elements
+# (64 MB): a kernel spectrum holds 2 * Fh * (Fw // 2 + 1) values per kernel, ~100x the
+# weights of a 3x3 layer (VGG-16's conv4 would need 0.5-1 GB).
+FOURIER_MAX_SPECTRUM = 1 << 24
 # Columns are built and used in chunks of images of at most this many elements (64 MB); the
 # column gradient likewise. Measured on CIFAR10-quick (2 cores): larger chunks won over
 # cache-sized ones (8 MB: +8%, 1 MB: +60% per training step) - fewer, larger GEMMs.
@@ -247,6 +251,10 @@ class BaseConvolution(Layer):
         ):
             return None
         plan = fourier.Plan(self.img_spatial, self.kernel, self.pad, b0.data.dtype)
+        counts = (self.num * self.channels, self.num * self.num_output)
+        counts += (self.channels * self.num_output,)
+        if math.prod(plan.spectrum_shape(max(counts))) > FOURIER_MAX_SPECTRUM:
+            return None
         direct = fourier.direct_macs(
             self.num, self.channels, self.num_output, self.kernel, self.map_spatial
         )
