@@ -580,11 +580,16 @@ class Convolution(BaseConvolution):
         plan.spectrum("kernel", w, spec)
         return spec.reshape(2, plan.freqs, self.num_output, self.channels)
 
-    def _image_spectrum(self, slot, img):
-        """Spectrum of the bottom (N*C_in images), kept per slot for the weight gradient."""
+    def _image_spectrum(self, slot, img, keep):
+        """Spectrum of the bottom (N*C_in images): kept per slot for the weight gradient when
+        forward makes it, else (made by backward) in the shared workspace."""
         plan = self.fourier
         count = self.num * self.channels
-        spec = scratch(self._buf, ("spectrum", slot), plan.spectrum_shape(count), img.dtype)
+        shape = plan.spectrum_shape(count)
+        if keep:
+            spec = scratch(self._buf, ("spectrum", slot), shape, img.dtype)
+        else:
+            spec = workspace("fourier_images", shape, img.dtype)
         plan.spectrum("image", img.reshape((count,) + self.img_spatial), spec)
         return spec.reshape(2, plan.freqs, self.num, self.channels)
 
@@ -593,7 +598,7 @@ class Convolution(BaseConvolution):
         X[f] @ conj(W[f])^T over (N, C_in) x (C_in, C_out); the bias is the DC term."""
         plan = self.fourier
         n, k = self.num, self.num_output
-        x = self._image_spectrum(slot, img)
+        x = self._image_spectrum(slot, img, keep=True)
         y = workspace("fourier_maps", plan.spectrum_shape(n * k), img.dtype)
         y4 = y.reshape(2, plan.freqs, n, k)
         fourier.cmatmul(x, self._kernel_spectrum().transpose(0, 1, 3, 2), y4, conj_b=True)
@@ -617,7 +622,7 @@ class Convolution(BaseConvolution):
             if self._spectrum_kept.get(slot):
                 x = self._buf[("spectrum", slot)].reshape(2, plan.freqs, n, c)
             else:
-                x = self._image_spectrum(slot, img)
+                x = self._image_spectrum(slot, img, keep=False)
             dw = workspace("fourier_kernels", plan.spectrum_shape(k * c), dmap.dtype)
             fourier.cmatmul(dy4.transpose(0, 1, 3, 2), x, dw.reshape(2, plan.freqs, k, c), True)
             grad = workspace("fourier_wgrad", (k * c,) + self.kernel, dmap.dtype)
