@@ -624,7 +624,9 @@ class Convolution(BaseConvolution):
             else:
                 x = self._image_spectrum(slot, img, keep=False)
             dw = workspace("fourier_kernels", plan.spectrum_shape(k * c), dmap.dtype)
-            fourier.cmatmul(dy4.transpose(0, 1, 3, 2), x, dw.reshape(2, plan.freqs, k, c), True)
+            fourier.cmatmul(
+                dy4.transpose(0, 1, 3, 2), x, dw.reshape(2, plan.freqs, k, c), conj_a=True
+            )
             grad = workspace("fourier_wgrad", (k * c,) + self.kernel, dmap.dtype)
             plan.inverse("kernel", dw, grad)
             self.blobs[0].diff += grad.reshape(self.blobs[0].shape)
