@@ -9,6 +9,9 @@ Caffe's. Stride-1 "same-size" layers with C_out <= C_in get their bottom gradien
 convolution of the top diff with the flipped weights (no column gradient, no col2im).
 Work matrices that live only within one forward or backward come from the thread's shared
 workspace (one per role for the whole net); only the kept columns are the layer's own.
+Stride-1 single-group 2-D convolutions where the Fourier transform needs at most half the
+multiply-adds (engine.fourier) take their gradients that way, and their forward too when
+ENGINE_FOURIER_FORWARD=1 (off by default: the forward then no longer matches Caffe's bits).
 """
 
 import math
