@@ -20,9 +20,12 @@ import os
 
 import numpy as np
 
-from engine.im2col import batched_matmul, workspace
+from engine.im2col import batched_matmul, parallel_gemms, workspace
 
 FORWARD_ENV = "ENGINE_FOURIER_FORWARD"
+# Signals are transformed in blocks whose intermediate (between the row and the column
+# transforms) holds at most this many values (1 MB), each thread on its own blocks.
+TRANSFORM_BLOCK = 1 << 18
 
 
 def forward_enabled():
@@ -122,17 +125,38 @@ class Plan:
             + products
         )
 
+    def _chunks(self, side, count, fn):
+        """fn(b0, b1) over blocks of the B signals small enough (TRANSFORM_BLOCK) that the
+        intermediate between the two transforms stays in cache, split between threads."""
+        (h, _), _ = self.sides[side]
+        block = max(16, TRANSFORM_BLOCK // (2 * h * self.half))
+
+        def run(r0, r1):
+            for b0 in range(r0, r1, block):
+                fn(b0, min(r1, b0 + block))
+
+        if not parallel_gemms(count, run, count * 2 * self.freqs):
+            run(0, count)
+
     def spectrum(self, side, signals, out):
         """out (2, Fh, Fr, B) = the spectrum of `signals` (B, h, w) placed in the frame."""
         (h, w), (oh, ow) = self.sides[side]
         count = signals.shape[0]
         fh, fw = self.frame
-        rows = workspace("fourier_rows", (h, 2 * self.half, count), self.dtype)
-        # Row transform, one GEMM per image row: (2 Fr, w) @ (w, B) reading the NCHW batch.
-        np.matmul(_row_forward(fw, w, ow, self.dtype), signals.transpose(1, 2, 0), out=rows)
-        # Column transform, one GEMM: (2 Fh, 2 h) @ (2 h, Fr B); rows of `rows` are (t, re/im).
+        row = _row_forward(fw, w, ow, self.dtype)
         col = _col_forward(fh, h, oh, self.dtype)
-        np.matmul(col, rows.reshape(2 * h, self.half * count), out=_matrix(out, 2 * fh))
+        out3 = _matrix(out, 2 * fh).reshape(2 * fh, self.half, count)
+
+        def run(b0, b1):
+            rows = workspace("fourier_rows", (h, 2, self.half, b1 - b0), self.dtype)
+            # Row transform, one GEMM per image row: (2 Fr, w) @ (w, b) reading NCHW.
+            np.matmul(row, signals[b0:b1].transpose(1, 2, 0), out=rows.reshape(h, -1, b1 - b0))
+            # Column transform, one GEMM per column frequency v: (2 Fh, 2 h) @ (2 h, b),
+            # the inputs ordered (t, re/im).
+            src = rows.reshape(2 * h, self.half, b1 - b0).transpose(1, 0, 2)
+            np.matmul(col, src, out=out3[:, :, b0:b1].transpose(1, 0, 2))
+
+        self._chunks(side, count, run)
         return out
 
     def inverse(self, side, spectrum, out):
@@ -140,12 +164,20 @@ class Plan:
         (h, w), (oh, ow) = self.sides[side]
         fh, fw = self.frame
         count = spectrum.shape[-1]
-        cols = workspace("fourier_cols", (h, 2 * self.half, count), self.dtype)
         icol = _col_inverse(fh, h, oh, self.dtype)
-        np.matmul(icol, _matrix(spectrum, 2 * fh), out=cols.reshape(2 * h, -1))
         irow = _row_inverse(fw, w, ow, self.dtype)
-        # One GEMM per output row, (B, 2 Fr) @ (2 Fr, w), written straight into NCHW.
-        np.matmul(cols.transpose(0, 2, 1), irow, out=out.transpose(1, 0, 2))
+        spec3 = _matrix(spectrum, 2 * fh).reshape(2 * fh, self.half, count)
+
+        def run(b0, b1):
+            cols = workspace("fourier_cols", (h, 2, self.half, b1 - b0), self.dtype)
+            # Inverse column transform per v: (2 h, 2 Fh) @ (2 Fh, b), outputs (t, re/im).
+            dst = cols.reshape(2 * h, self.half, b1 - b0).transpose(1, 0, 2)
+            np.matmul(icol, spec3[:, :, b0:b1].transpose(1, 0, 2), out=dst)
+            # One GEMM per output row, (b, 2 Fr) @ (2 Fr, w), written straight into NCHW.
+            src = cols.reshape(h, 2 * self.half, b1 - b0).transpose(0, 2, 1)
+            np.matmul(src, irow, out=out[b0:b1].transpose(1, 0, 2))
+
+        self._chunks(side, count, run)
         return out
 
 

@@ -129,24 +129,34 @@ def _blas_thread_control():
     return _pool["blas"]
 
 
-def batched_matmul(a, b, out):
-    """out[i] = a[i] @ b[i] for stacks of matrices: one GEMM per item, the items split
-    between threads with OpenBLAS single-threaded meanwhile (small GEMMs run better side by
-    side than each one split in two)."""
-    xp = backend.get_array_module(a)
-    n = a.shape[0]
+def parallel_gemms(n, fn, size, xp=np):
+    """parallel_batch(n, fn, size) with OpenBLAS single-threaded meanwhile, for work made of
+    small GEMMs (they run better side by side than each one split in two). Returns False,
+    having done nothing, where that cannot apply (one thread, not NumPy, no OpenBLAS
+    control): the caller then runs its plain path."""
     control = _blas_thread_control() if xp is np else None
     if control is None or num_threads() < 2 or n < 2:
-        return xp.matmul(a, b, out=out)
+        return False
     set_threads, get_threads = control
     before = get_threads()
     set_threads(1)
     try:
-        parallel_batch(
-            n, lambda i0, i1: np.matmul(a[i0:i1], b[i0:i1], out=out[i0:i1]), _PARALLEL_MIN
-        )
+        parallel_batch(n, fn, size)
     finally:
         set_threads(before)
+    return True
+
+
+def batched_matmul(a, b, out):
+    """out[i] = a[i] @ b[i] for stacks of matrices: one GEMM per item, the items split
+    between threads (parallel_gemms)."""
+    xp = backend.get_array_module(a)
+
+    def run(i0, i1):
+        np.matmul(a[i0:i1], b[i0:i1], out=out[i0:i1])
+
+    if not parallel_gemms(a.shape[0], run, _PARALLEL_MIN, xp):
+        xp.matmul(a, b, out=out)
     return out
 
 
