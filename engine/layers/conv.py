@@ -236,7 +236,6 @@ class BaseConvolution(Layer):
         self.keep_cols = self.keep_cols and self.fourier is None
         self._buf = {}
         self._cols_kept = {}
-        self._spectrum_kept = {}
 
     def _fourier_plan(self, b0):
         """An engine.fourier.Plan when this layer runs faster through the Fourier transform
@@ -504,7 +503,6 @@ class Convolution(BaseConvolution):
                 if bias is not None:
                     out += bias[:, None]
                 continue
-            self._spectrum_kept[slot] = self.fourier_forward
             if self.fourier_forward:
                 self._forward_fourier(slot, img, out, bias)
                 continue
@@ -622,8 +620,9 @@ class Convolution(BaseConvolution):
             fourier.cmatmul(dy4, self._kernel_spectrum(), dx.reshape(2, plan.freqs, n, c))
             plan.inverse("image", dx, dimg.reshape((n * c,) + self.img_spatial))
         if need_w:
-            if self._spectrum_kept.get(slot):
-                x = self._buf[("spectrum", slot)].reshape(2, plan.freqs, n, c)
+            kept = self._buf.get(("spectrum", slot))  # only a Fourier forward keeps one
+            if kept is not None:
+                x = kept.reshape(2, plan.freqs, n, c)
             else:
                 x = self._image_spectrum(slot, img, keep=False)
             dw = workspace("fourier_kernels", plan.spectrum_shape(k * c), dmap.dtype)
