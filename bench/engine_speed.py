@@ -2,14 +2,17 @@
 ms per forward+backward, per-layer times, GFLOP/s of the conv/IP layers and the machine's SGEMM.
 
     python bench/engine_speed.py [--iters 20] [--warmup 3] [--rounds 1] [--nets lenet ...]
-        [--force-backward] [--fourier-forward] [--golden ../shared/golden] [--keep-blas-env]
+        [--force-backward] [--fourier-forward [test|all|none]] [--phase train|test]
+        [--golden ../shared/golden] [--keep-blas-env]
 
 Like `caffe time`: TRAIN phase, random input, no gradient into the data unless
 --force-backward (the golden prototxts set force_backward; `caffe time` nets do not).
-Convolutions that the cost model sends through the Fourier transform (engine.fourier) show
-"dft" (gradients) or "dft+fwd" (forward too, with --fourier-forward or ENGINE_FOURIER_FORWARD=1)
-in the "path" column; their GFLOP and GFLOP/s count im2col's multiply-adds, so they read as
-the rate an im2col convolution would need for the same time.
+`--phase test` times forward passes of the TEST-phase net instead (what `test` and
+`features` run). Convolutions that the cost model sends through the Fourier transform
+(engine.fourier) show "dft" (gradients) or "dft+fwd" (forward too: TEST nets by default, TRAIN
+nets with --fourier-forward / ENGINE_FOURIER_FORWARD=all) in the "path" column; their GFLOP
+and GFLOP/s count im2col's multiply-adds, so they read as the rate an im2col convolution would
+need for the same time.
 OpenBLAS worker threads busy-wait ~0.1 s after each call by default and then compete with
 the copies that follow; unless --keep-blas-env, this script sets OPENBLAS_THREAD_TIMEOUT=4
 (before NumPy loads OpenBLAS), which made timings both faster and stable here.
@@ -40,14 +43,14 @@ CAFFE_MS = {"lenet": 14.7, "cifar10_quick": 128.5}
 TARGET_MS = {"lenet": 12.0, "cifar10_quick": 55.0}
 
 
-def build(golden, name, batch, force_backward):
+def build(golden, name, batch, force_backward, phase=engine.TRAIN):
     param = io.read_net_param(str(golden / "nets" / name / "net.prototxt"))
     param.force_backward = force_backward
     for lp in param.layer:
         if lp.type == "Input":
             for shape in lp.input_param.shape:
                 shape.dim[0] = batch
-    net = engine.Net(param, phase=engine.TRAIN)
+    net = engine.Net(param, phase=phase)
     rs = np.random.RandomState(0)
     for name_ in net.inputs:
         blob = net.blobs[name_]
@@ -70,7 +73,7 @@ def macs(layer, bottom, top):
     return 0
 
 
-def time_net(net, iters, warmup):
+def time_net(net, iters, warmup, backward=True):
     n = len(net.layers)
     fwd = np.zeros((iters, n))
     bwd = np.zeros((iters, n))
@@ -86,7 +89,7 @@ def time_net(net, iters, warmup):
             layer.forward(bottom, top)
             row_f[i] = time.perf_counter() - t0
         for i in range(n - 1, -1, -1):
-            if net.layer_need_backward[i]:
+            if backward and net.layer_need_backward[i]:
                 t0 = time.perf_counter()
                 net.layers[i].backward(
                     net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i]
@@ -117,17 +120,24 @@ def sgemm_gflops(m, k, n, reps=10):
     return 2.0 * m * k * n / min(ts) / 1e9
 
 
-def report(name, net, result, rounds):
+def report(name, net, result, rounds, backward=True):
     f_ms, b_ms, total = result
     ms = [t * 1e3 for t in total]
     med = statistics.median(ms)
     which = f", fastest of {rounds} rounds" if rounds > 1 else ""
-    print(f"\n== {name}  batch {net.blobs[net.inputs[0]].shape[0]}{which}")
-    print(
-        f"forward+backward: median {med:.2f} ms, min {min(ms):.2f}, max {max(ms):.2f}  "
-        f"(sum of per-layer minima: forward {f_ms.sum():.2f}, backward {b_ms.sum():.2f})   "
-        f"target {TARGET_MS[name]} ms, Caffe {CAFFE_MS[name]} ms"
-    )
+    batch = net.blobs[net.inputs[0]].shape[0]
+    print(f"\n== {name}  batch {batch}{which}")
+    if backward:
+        print(
+            f"forward+backward: median {med:.2f} ms, min {min(ms):.2f}, max {max(ms):.2f}  "
+            f"(sum of per-layer minima: forward {f_ms.sum():.2f}, backward {b_ms.sum():.2f})  "
+            f" target {TARGET_MS[name]} ms, Caffe {CAFFE_MS[name]} ms"
+        )
+    else:
+        print(
+            f"TEST forward: median {med:.2f} ms ({batch / med * 1e3:.0f} images/s), min "
+            f"{min(ms):.2f}, max {max(ms):.2f}  (sum of per-layer minima {f_ms.sum():.2f})"
+        )
     print("per layer (minimum over iterations):")
     print(
         f"{'layer':<14}{'type':<16}{'path':<9}{'fwd ms':>9}{'bwd ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}"
@@ -139,7 +149,7 @@ def report(name, net, result, rounds):
         flop = 0.0
         if mac:
             flop = 2.0 * mac
-            if net.layer_need_backward[i]:
+            if backward and net.layer_need_backward[i]:
                 flop += 2.0 * mac * (1 + any(net.bottom_need_backward[i]))
             flop_total += flop
             gemm_ms += f_ms[i] + b_ms[i]
@@ -172,13 +182,22 @@ def main(argv=None):
     ap.add_argument("--keep-blas-env", action="store_true")
     ap.add_argument(
         "--fourier-forward",
-        action="store_true",
-        help=f"forward passes through the Fourier transform too (sets {fourier.FORWARD_ENV}=1)",
+        nargs="?",
+        const="all",
+        choices=fourier.FORWARD_MODES,
+        help=f"which forward passes may take the Fourier transform (sets {fourier.FORWARD_ENV};"
+        " alone: all, TRAIN nets too; default: test)",
+    )
+    ap.add_argument(
+        "--phase",
+        choices=["train", "test"],
+        default="train",
+        help="train: forward+backward of the TRAIN net; test: forward of the TEST net",
     )
     ap.add_argument("--golden", type=Path, default=ROOT.parent / "shared" / "golden")
     args = ap.parse_args(argv)
     if args.fourier_forward:
-        os.environ[fourier.FORWARD_ENV] = "1"
+        os.environ[fourier.FORWARD_ENV] = args.fourier_forward
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"numpy {np.__version__}, copy threads {num_threads()}, load average {load:.2f}, "
@@ -189,11 +208,13 @@ def main(argv=None):
     shapes = [(1024, 1024, 1024), (32, 800, 25600), (64, 800, 6400), (50, 500, 4096)]
     rates = ", ".join(f"{m}x{k}x{n}: {sgemm_gflops(m, k, n):.1f}" for m, k, n in shapes)
     print(f"SGEMM GFLOP/s (MxKxN; 1024^3, then conv-shaped): {rates}")
+    train = args.phase == "train"
+    phase = engine.TRAIN if train else engine.TEST
     for name in args.nets:
-        net = build(args.golden, name, NETS[name], args.force_backward)
-        runs = [time_net(net, args.iters, args.warmup) for _ in range(args.rounds)]
+        net = build(args.golden, name, NETS[name], args.force_backward, phase)
+        runs = [time_net(net, args.iters, args.warmup, train) for _ in range(args.rounds)]
         best = min(runs, key=lambda r: statistics.median(r[2]))
-        report(name, net, best, args.rounds)
+        report(name, net, best, args.rounds, train)
 
 
 if __name__ == "__main__":

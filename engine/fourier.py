@@ -28,16 +28,37 @@ FORWARD_ENV = "ENGINE_FOURIER_FORWARD"
 TRANSFORM_BLOCK = 1 << 18
 
 
-def forward_enabled():
-    """Whether forward passes may run through the transform as well (ENGINE_FOURIER_FORWARD=1).
+FORWARD_MODES = ("test", "all", "none")
+_FORWARD_ALIASES = {"1": "all", "true": "all", "yes": "all", "on": "all"}
+_FORWARD_ALIASES.update({"0": "none", "false": "none", "no": "none", "off": "none"})
 
-    Off by default: gradients through the transform round differently from Caffe's GEMMs by
-    ~2e-7 of their size, which training shrugs off, but a forward output that differs from
-    Caffe's can flip a max-pool or ReLU near-tie and send training on another path (one of
-    the golden LeNet runs then leaves Caffe's loss by 8e-4 after 26 iterations). With the
-    forward on the GEMM path, every output matches Caffe's to the last bit as before.
+
+def forward_mode():
+    """Which forward passes may run through the transform (ENGINE_FOURIER_FORWARD): "test"
+    (the default: TEST-phase nets), "all" (or 1) or "none" (or 0).
+
+    Gradients through the transform round differently from Caffe's GEMMs by ~2e-7 of their
+    size, which training shrugs off. A TRAIN forward output that differs from Caffe's even
+    by an ulp can flip a max-pool or ReLU near-tie and send training on another path (one
+    golden LeNet run then leaves Caffe's loss by 8e-4 after 26 iterations; nudging each conv2
+    output by a random +-2^-22 of itself failed it in one of two tries), so TRAIN forwards stay on the GEMM path, bit for bit
+    Caffe's, unless "all" is asked for. TEST nets (test, features) train nothing: their
+    outputs differ from Caffe's by rounding only, as under another BLAS.
     """
-    return os.environ.get(FORWARD_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    value = os.environ.get(FORWARD_ENV, "").strip().lower() or "test"
+    mode = _FORWARD_ALIASES.get(value, value)
+    if mode not in FORWARD_MODES:
+        raise ValueError(
+            f"{FORWARD_ENV}={os.environ[FORWARD_ENV]!r}: expected one of test, all, none "
+            "(or 1 for all, 0 for none)"
+        )
+    return mode
+
+
+def forward_enabled(train):
+    """Whether a forward pass of a TRAIN (train=True) or TEST net goes through the transform."""
+    mode = forward_mode()
+    return mode == "all" or (mode == "test" and not train)
 
 
 @functools.lru_cache(maxsize=256)

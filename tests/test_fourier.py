@@ -6,11 +6,12 @@ import golden
 import numpy as np
 import pytest
 from gradient_check import check_gradient, make_blobs
-from test_layers_vision import conv_layer, randn, ref_conv, run, setup
+from test_layers_vision import FILLERS, conv_layer, make_layer, randn, ref_conv, run, setup
 
 from engine import fourier
 from engine.blob import Blob
 from engine.layers import conv as conv_module
+from engine.proto.caffe_pb2 import TEST, TRAIN
 
 # (convolution_param, input shape): stride 1, dilation 1, one group; odd and even frames,
 # rectangular kernels and images, padding beyond the kernel, a 1-pixel output.
@@ -74,7 +75,7 @@ def _forward_backward(layer, x, weights, top_diff, weight_diff):
     return y, bottom[0].diff.copy(), [blob.diff.copy() for blob in layer.blobs]
 
 
-@pytest.mark.parametrize("forward", ["0", "1"])
+@pytest.mark.parametrize("forward", ["0", "1"])  # on TRAIN-phase layers
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
 def test_fourier_path_matches_im2col_path(monkeypatch, geometry, forward):
     """Forward (when enabled), bottom, weight and bias gradients equal the GEMM path's; the
@@ -153,15 +154,53 @@ def test_cost_model_picks_the_transform_only_where_it_saves_work():
     assert not _picks("num_output: 50 kernel_size: 5 engine: CAFFE", (64, 20, 12, 12))
 
 
-def test_forward_stays_on_the_gemm_path_unless_asked(monkeypatch):
+@pytest.mark.parametrize(
+    "value, train_forward, test_forward",
+    [(None, False, True), ("test", False, True), ("1", True, True), ("all", True, True)]
+    + [("0", False, False), ("none", False, False), ("off", False, False)],
+)
+def test_which_forwards_take_the_transform(monkeypatch, value, train_forward, test_forward):
+    """By default TEST nets' forwards take it and TRAIN forwards keep Caffe's GEMM."""
+    if value is None:
+        monkeypatch.delenv(fourier.FORWARD_ENV, raising=False)
+    else:
+        monkeypatch.setenv(fourier.FORWARD_ENV, value)
+    for phase, expected in ((TRAIN, train_forward), (TEST, test_forward)):
+        layer = make_layer(
+            "name: 'c' type: 'Convolution' convolution_param { num_output: 50 kernel_size: 5 }",
+            phase,
+        )
+        setup(layer, np.zeros((64, 20, 12, 12), np.float32))
+        assert layer.fourier is not None and layer.fourier_forward == expected, phase
+
+
+def test_a_bad_forward_setting_is_named(monkeypatch):
+    monkeypatch.setenv(fourier.FORWARD_ENV, "sometimes")
+    layer = conv_layer("Convolution", "num_output: 50 kernel_size: 5")
+    with pytest.raises(ValueError, match="ENGINE_FOURIER_FORWARD='sometimes'.*test, all, none"):
+        setup(layer, np.zeros((64, 20, 12, 12), np.float32))
+
+
+def test_a_test_net_runs_backward_after_a_transform_forward(monkeypatch):
+    """A TEST net keeps no spectrum; its backward transforms the bottom again."""
+    params, shape = GEOMETRIES["pad2_k5"]
+    monkeypatch.setattr(conv_module, "FOURIER_GAIN", 0.0)
     monkeypatch.delenv(fourier.FORWARD_ENV, raising=False)
-    layer = conv_layer("Convolution", "num_output: 50 kernel_size: 5")
-    setup(layer, np.zeros((64, 20, 12, 12), np.float32))
-    assert layer.fourier is not None and not layer.fourier_forward
-    monkeypatch.setenv(fourier.FORWARD_ENV, "1")
-    layer = conv_layer("Convolution", "num_output: 50 kernel_size: 5")
-    setup(layer, np.zeros((64, 20, 12, 12), np.float32))
-    assert layer.fourier_forward
+    text = f"name: 'c' type: 'Convolution' convolution_param {{ {params} {FILLERS} }}"
+    ours = make_layer(text, TEST, seed=3)
+    gemm = make_layer(text.replace(params, params + " engine: CAFFE"), TEST, seed=3)
+    x = randn(*shape)
+    probe_b, probe_t = setup(ours, x)
+    weights = [blob.data.copy() for blob in ours.blobs]
+    assert ours.fourier_forward
+    top_diff = randn(*run(ours, probe_b, probe_t)[0].shape, seed=5)
+    held = randn(1000, seed=6)
+    got = _forward_backward(ours, x, weights, top_diff, held)
+    want = _forward_backward(gemm, x, weights, top_diff, held)
+    assert gemm.fourier is None
+    assert not [key for key in ours._buf if key[0] == "spectrum"], "a TEST forward kept one"
+    for a, b in zip(got[:2] + tuple(got[2]), want[:2] + tuple(want[2])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * np.abs(b).max())
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,9 @@ convolution of the top diff with the flipped weights (no column gradient, no col
 Work matrices that live only within one forward or backward come from the thread's shared
 workspace (one per role for the whole net); only the kept columns are the layer's own.
 Stride-1 single-group 2-D convolutions where the Fourier transform needs at most half the
-multiply-adds (engine.fourier) take their gradients that way, and their forward too when
-ENGINE_FOURIER_FORWARD=1 (off by default: the forward then no longer matches Caffe's bits).
+multiply-adds (engine.fourier) take their gradients that way; their forward too in TEST-phase
+nets, and in TRAIN nets when ENGINE_FOURIER_FORWARD=all (a TRAIN forward otherwise keeps
+Caffe's bits: see fourier.forward_mode).
 """
 
 import math
@@ -31,6 +32,7 @@ from engine.im2col import (
     workspace,
 )
 from engine.layer import Layer, register
+from engine.proto import caffe_pb2
 
 # Convolution runs through the Fourier transform (engine.fourier) when that needs at most
 # 1/FOURIER_GAIN of im2col's multiply-adds (measured, at a MAC ratio of 2.5 to 3.2:
@@ -231,7 +233,8 @@ class BaseConvolution(Layer):
         pieces = -(-self.num // max(1, FLIP_BUDGET // max(flip_image, 1)))
         self.flip_chunk = -(-self.num // pieces)
         self.fourier = self._fourier_plan(b0)
-        self.fourier_forward = self.fourier is not None and fourier.forward_enabled()
+        train = self.phase == caffe_pb2.TRAIN
+        self.fourier_forward = self.fourier is not None and fourier.forward_enabled(train)
         # Fourier gradients start from the bottom's spectrum: columns need not be kept.
         self.keep_cols = self.keep_cols and self.fourier is None
         self._buf = {}
@@ -599,7 +602,9 @@ class Convolution(BaseConvolution):
         X[f] @ conj(W[f])^T over (N, C_in) x (C_in, C_out); the bias is the DC term."""
         plan = self.fourier
         n, k = self.num, self.num_output
-        x = self._image_spectrum(slot, img, keep=True)
+        # Kept for the weight gradient in TRAIN; a TEST net rarely runs backward (it then
+        # transforms the bottom again).
+        x = self._image_spectrum(slot, img, keep=self.phase == caffe_pb2.TRAIN)
         y = workspace("fourier_maps", plan.spectrum_shape(n * k), img.dtype)
         y4 = y.reshape(2, plan.freqs, n, k)
         fourier.cmatmul(x, self._kernel_spectrum().transpose(0, 1, 3, 2), y4, conj_b=True)
