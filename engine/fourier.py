@@ -40,10 +40,11 @@ def forward_mode():
     Gradients through the transform round differently from Caffe's GEMMs by ~2e-7 of their
     size, which training shrugs off. A TRAIN forward output that differs from Caffe's even
     by an ulp can flip a max-pool or ReLU near-tie and send training on another path (one
-    golden LeNet run then leaves Caffe's loss by 8e-4 after 26 iterations; nudging each conv2
-    output by a random +-2^-22 of itself failed it in one of two tries), so TRAIN forwards stay on the GEMM path, bit for bit
-    Caffe's, unless "all" is asked for. TEST nets (test, features) train nothing: their
-    outputs differ from Caffe's by rounding only, as under another BLAS.
+    golden LeNet run then leaves Caffe's loss by 8e-4 after 26 iterations; nudging each
+    conv2 output by a random +-2^-22 of itself failed it in one of two tries), so TRAIN
+    forwards stay on the GEMM path, bit for bit Caffe's, unless "all" is asked for. TEST nets
+    (test, features) train nothing: their outputs differ from Caffe's by rounding only, as
+    under another BLAS.
     """
     value = os.environ.get(FORWARD_ENV, "").strip().lower() or "test"
     mode = _FORWARD_ALIASES.get(value, value)
