@@ -239,11 +239,25 @@ def shift_work_shape(x_shape, kernel, pad, stride, dilation):
     return (kernel[1], x_shape[1], x_shape[0], padded[0], out[1])
 
 
+def _zero_border(arr, pad, size):
+    """Zero the cells of arr (..., *padded) outside the interior [p, p + s) of each of the
+    trailing axes: a work array may hold another layer's values there."""
+    lead = arr.ndim - len(pad)
+    for axis, (p, s) in enumerate(zip(pad, size)):
+        index = [slice(None)] * arr.ndim
+        if p > 0:
+            index[lead + axis] = slice(0, p)
+            arr[tuple(index)] = 0
+        if p + s < arr.shape[lead + axis]:
+            index[lead + axis] = slice(p + s, None)
+            arr[tuple(index)] = 0
+
+
 def _im2col_shifted(x, kernel, pad, dilation, out_sp, col, work, xp):
     """Stride-1 2-D im2col in two copies with long rows. work[j] (C, N, Hp, Wo) holds the
-    input shifted by kernel column j (zero rows/columns where the window leaves the input:
-    those cells are never written, so a zero-initialised work array stays valid); the rows of
-    column j are then whole (Ho * Wo) blocks of it: col[:, i, j, n] = work[j, :, n, i*dh:][:Ho].
+    input shifted by kernel column j (zero rows/columns where the window leaves the input);
+    the rows of column j are then whole (Ho * Wo) blocks of it:
+    col[:, i, j, n] = work[j, :, n, i*dh:][:Ho].
     NumPy pays a fixed cost per copied row: this copies kw*C*N*H rows of Wo values and
     kh*kw*C*N rows of Ho*Wo values instead of kh*kw*C*N*Ho rows of Wo."""
     (kh, kw), (ph, pw), (dh, dw) = kernel, pad, dilation
@@ -258,6 +272,9 @@ def _im2col_shifted(x, kernel, pad, dilation, out_sp, col, work, xp):
             shifted = work[j, :, n0:n1]
             if hi > lo:
                 shifted[:, :, ph : ph + height, lo:hi] = src[:, :, :, lo + s : hi + s]
+                _zero_border(shifted, (ph, lo), (height, hi - lo))
+            else:
+                shifted[...] = 0
             for i in range(kh):
                 col[:, i, j, n0:n1] = shifted[:, :, i * dh : i * dh + ho]
 
@@ -269,10 +286,10 @@ def im2col(x, kernel, pad, stride, dilation, out=None, work=None):
     """Columns of a batch x (N, C, *spatial): returns col (C, *kernel, N, *out_spatial).
 
     col[c, i, j, n, y, z] = x[n, c, y*s - p + i*d, z*s - p + j*d] (0 outside the input).
-    `out`: optional destination of that shape. `work`: optional zero-initialised array
-    reused between calls (only cells inside the input are ever written): of shape
-    `shift_work_shape(...)` for the stride-1 2-D path (taken when `work` is None or has that
-    shape), else (C, N, *padded) (needed when any pad > 0; allocated here when not given).
+    `out`: optional destination of that shape. `work`: optional work array of any contents
+    (cells outside the input are zeroed here): of shape `shift_work_shape(...)` for the
+    stride-1 2-D path (taken when `work` is None or has that shape), else (C, N, *padded)
+    (needed when any pad > 0; allocated here when not given).
     """
     xp = backend.get_array_module(x)
     kernel, pad, stride, dilation = map(tuple, (kernel, pad, stride, dilation))
@@ -287,12 +304,12 @@ def im2col(x, kernel, pad, stride, dilation, out=None, work=None):
     shift_shape = shift_work_shape(x.shape, kernel, pad, stride, dilation)
     if shift_shape is not None and (work is None or work.shape == shift_shape):
         if work is None:
-            work = xp.zeros(shift_shape, dtype=x.dtype)
+            work = xp.empty(shift_shape, dtype=x.dtype)
         return _im2col_shifted(x, kernel, pad, dilation, out_sp, col, work, xp)
     use_pad = any(pad)
     if use_pad:
         if work is None:
-            work = xp.zeros((x.shape[1], n_img) + padded, dtype=x.dtype)
+            work = xp.empty((x.shape[1], n_img) + padded, dtype=x.dtype)
         interior = tuple(slice(p, p + s) for p, s in zip(pad, x.shape[2:]))
     windows = list(_windows(kernel, stride, dilation, out_sp))
     lead = (slice(None),) * 2
@@ -301,6 +318,7 @@ def im2col(x, kernel, pad, stride, dilation, out=None, work=None):
         if use_pad:
             src = work[:, n0:n1]
             src[lead + interior] = x[n0:n1].swapaxes(0, 1)
+            _zero_border(src, pad, x.shape[2:])
         else:
             src = x[n0:n1].swapaxes(0, 1)
         for offset, win in windows:

@@ -186,7 +186,7 @@ def test_im2col_large_batch_threaded_path_and_buffers():
     geom = ((3, 3), (1, 1), (2, 2), (1, 1))
     ref = ref_im2col(x, *geom)
     out = np.empty(ref.shape, np.float32)
-    work = np.zeros((3, 64, 18, 18), np.float32)
+    work = np.full((3, 64, 18, 18), np.nan, np.float32)  # another user's leftovers
     for _ in range(2):  # buffers reused
         np.testing.assert_array_equal(im2col(x, *geom, out=out, work=work), ref)
     g = randn(*ref.shape, seed=2)
@@ -209,19 +209,43 @@ def test_im2col_large_batch_threaded_path_and_buffers():
         ((5, 5), (4, 4), (1, 1), (1, 1)),
     ],
 )
-def test_im2col_stride1_shifted_path_matches_reference_with_reused_work(geom):
-    # The stride-1 path keeps zero borders in its work array between calls: two different
-    # inputs through the same buffers, against the reference and the padded-work path.
+def test_im2col_stride1_shifted_path_matches_reference_with_dirty_work(geom):
+    # Work arrays are shared between layers (engine.im2col.workspace): whatever they hold
+    # outside the input must not leak into the columns. Two inputs through the same buffers,
+    # against the reference and the padded-work path.
     shape = shift_work_shape((6, 3, 7, 9), *geom)
     assert shape is not None
-    work = np.zeros(shape, np.float32)
+    work = np.full(shape, np.nan, np.float32)
     for seed in (0, 1):
         x = randn(6, 3, 7, 9, seed=seed)
         col = im2col(x, *geom, work=work)
         np.testing.assert_array_equal(col, ref_im2col(x, *geom))
-        padded = np.zeros((3, 6, 7 + 2 * geom[1][0], 9 + 2 * geom[1][1]), np.float32)
+        padded = np.full((3, 6, 7 + 2 * geom[1][0], 9 + 2 * geom[1][1]), np.nan, np.float32)
         np.testing.assert_array_equal(col, im2col(x, *geom, work=padded))
+        work[...] = 5.0
     assert shift_work_shape((6, 3, 7, 9), (3, 3), (1, 1), (1, 2), (1, 1)) is None
+
+
+def test_convolutions_sharing_work_arrays_in_turn_stay_exact():
+    """Layers of different geometry take turns with the thread's shared work arrays (shifted
+    input, padded input, columns): each still computes its own convolution."""
+    layers = [
+        ("num_output: 4 kernel_size: 3 pad: 2", (2, 3, 6, 6), (1, 1), (2, 2)),
+        ("num_output: 3 kernel_size: 5 pad: 1", (3, 2, 9, 7), (1, 1), (1, 1)),
+        ("num_output: 2 kernel_size: 3 stride: 2 pad: 1", (2, 3, 8, 8), (2, 2), (1, 1)),
+        ("num_output: 5 kernel_size: 2", (2, 4, 5, 5), (1, 1), (0, 0)),
+    ]
+    built = []
+    for k, (params, shape, stride, pad) in enumerate(layers):
+        layer = conv_layer("Convolution", params + " engine: CAFFE")
+        x = randn(*shape, seed=k)
+        bottom, top = setup(layer, x)
+        want = ref_conv(x, layer.blobs[0].data, layer.blobs[1].data, stride, pad, (1, 1), 1)
+        built.append((layer, bottom, top, want))
+    for _ in range(2):
+        for layer, bottom, top, want in built + built[::-1]:
+            (y,) = run(layer, bottom, top)
+            np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
 def test_im2col_nd_one_and_three_spatial_axes():

@@ -305,10 +305,6 @@ class BaseConvolution(Layer):
     def _padded_spatial(self):
         return tuple(s + 2 * p for s, p in zip(self.img_spatial, self.pad))
 
-    def _padded(self, name, m, xp, fill=None):
-        shape = (self.img_channels, m) + self._padded_spatial()
-        return scratch(self._buf, (name, m), shape, xp=xp, fill=fill)
-
     def _columns(self, img, slot, n0=None):
         """im2col of img (m, C_img, *img_spatial): (K, m * P). With `n0` (forward) and
         `keep_cols`, written into the slot's whole-batch matrix at images n0:n0+m (kept for
@@ -323,9 +319,12 @@ class BaseConvolution(Layer):
             col = self._matrix("col", self.kernel_dim, m, xp)
         shift_shape = shift_work_shape(img.shape, *self._geom())
         if shift_shape is not None:  # stride 1, 2-D: the shifted-rows path
-            work = scratch(self._buf, ("shift", m), shift_shape, xp=xp, fill=0)
+            work = workspace("shift", shift_shape, xp=xp)
+        elif any(self.pad):
+            shape = (self.img_channels, m) + self._padded_spatial()
+            work = workspace("pad", shape, xp=xp)
         else:
-            work = self._padded("pad", m, xp, fill=0) if any(self.pad) else None
+            work = None
         im2col(img, *self._geom(), out=col, work=work)
         return col
 
@@ -653,7 +652,7 @@ class Convolution(BaseConvolution):
         ].swapaxes(0, 1)
         kdim = wf.shape[1]
         col = workspace("fcol", (kdim, m * self.img_dim), xp=xp)
-        work = scratch(self._buf, ("fshift", m), shift_work_shape(dy.shape, *geom), xp=xp, fill=0)
+        work = workspace("shift", shift_work_shape(dy.shape, *geom), xp=xp)
         im2col(dy, *geom, out=col, work=work)
         rows = workspace("frows", (self.channels, m * self.img_dim), xp=xp)
         xp.matmul(wf, col, out=rows)
