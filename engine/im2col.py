@@ -429,6 +429,20 @@ class PhaseGrid:
                 py, pz, rows, cols = ph
                 self._plane_grid(planes[k])[..., py, pz] = x[..., rows, cols]
 
+    def fill_outside(self, planes, fill):
+        """Set every cell of planes (n_phases, ..., plane) that `split` does not write to
+        `fill`: a shared work array may hold another layer's values there."""
+        for k, ph in enumerate(self.phases):
+            if ph is None:
+                planes[k] = fill
+                continue
+            (py, pz, _, _), grid = ph, self._plane_grid(planes[k])
+            grid[..., : py.start, :] = fill
+            grid[..., py.stop :, :] = fill
+            grid[..., py, : pz.start] = fill
+            grid[..., py, pz.stop :] = fill
+            planes[k, ..., self.hq * self.wq :] = fill
+
     def merge(self, planes, out):
         """out (..., H, W) = the planes' interiors (the inverse of split); input cells that no
         window reads are set to 0."""

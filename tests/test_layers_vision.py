@@ -643,6 +643,63 @@ def test_pooling_large_batch_threaded_path(method):
         np.testing.assert_array_equal(out[1], idx)
 
 
+def test_poolings_sharing_work_arrays_in_turn_stay_exact(monkeypatch):
+    """Pooling layers of different geometry take turns with the thread's shared phase planes:
+    padding must read as -inf (MAX, on all-negative inputs) or 0 (AVE) every time, never as
+    the last layer's values."""
+    monkeypatch.setattr(pooling_module, "DENSE_AVE_MAX", 0)  # AVE on the phase planes too
+    cases = [
+        ("MAX", "kernel_size: 3 stride: 2 pad: 1", (3, 3), (2, 2), (1, 1), (2, 3, 7, 9)),
+        ("AVE", "kernel_size: 3 stride: 1 pad: 1", (3, 3), (1, 1), (1, 1), (3, 2, 6, 6)),
+        (
+            "MAX",
+            "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1",
+            (3, 2),
+            (2, 3),
+            (1, 0),
+            (2, 2, 9, 8),
+        ),
+        ("AVE", "kernel_size: 2 stride: 2 pad: 1", (2, 2), (2, 2), (1, 1), (2, 3, 5, 7)),
+    ]
+    built = []
+    for k, (method, params, kernel, stride, pad, shape) in enumerate(cases):
+        layer = pool_layer(f"pool: {method} {params}")
+        x = distinct(shape, seed=k) - 100.0  # all negative
+        bottom, top = setup(layer, x, tops=2 if method == "MAX" else 1)
+        ref, idx = ref_pool(x, method, kernel, stride, pad)
+        dy = randn(*ref.shape, seed=10 + k)
+        if method == "MAX":  # each top diff lands on its argmax
+            want_dx = np.zeros(x.size)
+            np.add.at(
+                want_dx,
+                (
+                    idx
+                    + np.arange(idx.shape[0] * idx.shape[1]).reshape(idx.shape[:2] + (1, 1))
+                    * shape[2]
+                    * shape[3]
+                )
+                .astype(int)
+                .ravel(),
+                dy.ravel(),
+            )
+        else:  # AVE is linear: its backward is the adjoint, checked by <y, dy> = <x, dx>
+            want_dx = None
+        built.append((layer, bottom, top, ref, dy, want_dx))
+    for _ in range(2):
+        for layer, bottom, top, ref, dy, want_dx in built + built[::-1]:
+            y = run(layer, bottom, top)[0]
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+            top[0].diff[...] = dy
+            layer.backward(top, [True], bottom)
+            dx = bottom[0].diff
+            if want_dx is not None:
+                np.testing.assert_allclose(dx.ravel(), want_dx, rtol=1e-6, atol=1e-6)
+            else:
+                x = bottom[0].data.astype(np.float64)
+                np.testing.assert_allclose(np.sum(ref * dy), np.sum(x * dx), rtol=1e-5, atol=1e-4)
+                assert np.abs(dx).max() < np.abs(dy).max() * 10  # nothing stale added
+
+
 def test_pooling_global():
     x = distinct((2, 3, 4, 5))
     for method in ("MAX", "AVE"):

@@ -10,7 +10,7 @@ planes is instead one GEMM with the dense averaging matrix (forward and backward
 import numpy as np
 
 from engine import backend
-from engine.im2col import PhaseGrid, parallel_batch, scratch
+from engine.im2col import PhaseGrid, parallel_batch, scratch, workspace
 from engine.layer import Layer, register
 from engine.proto import caffe_pb2
 from engine.rng import rng
@@ -75,10 +75,6 @@ class _Plan:
     def split(self, x3, planes, n0, n1):
         """Input rows n0:n1 of x3 (NC, H, W) into the phase planes (NPH, NC, plane)."""
         self.phase_grid.split(x3[n0:n1], planes[:, n0:n1])
-
-    def merge(self, planes, dx3, n0, n1):
-        """dx3[n0:n1] = the phase planes' interiors (inverse of split)."""
-        self.phase_grid.merge(planes[:, n0:n1], dx3[n0:n1])
 
     def window(self, planes, k, shift, n0, n1):
         return planes[k, n0:n1, shift : shift + self.grid]
@@ -205,6 +201,15 @@ class Pooling(Layer):
 
         parallel_batch(self.nc, run, self.nc * plan.plane * len(plan.phases), xp)
 
+    def _block_planes(self, x3, n0, n1, xp, fill):
+        """Rows n0:n1 of x3 split into phase planes (n_phases, n1 - n0, plane) taken from the
+        thread's shared workspace, every cell outside the input set to `fill`."""
+        plan = self._plan
+        planes = workspace("pool_planes", (len(plan.phases), n1 - n0, plan.plane), xp=xp)
+        plan.phase_grid.fill_outside(planes, fill)
+        plan.phase_grid.split(x3[n0:n1], planes)
+        return planes
+
     def _plane_buffer(self, xp, fill):
         plan = self._plan
         shape = (len(plan.phases), self.nc, plan.plane)
@@ -243,12 +248,13 @@ class Pooling(Layer):
         """Run body(dplanes, n0, n1) to accumulate into zeroed phase planes, then merge, per
         block of rows."""
         plan = self._plan
-        dplanes = scratch(self._buf, "dplanes", (len(plan.phases), self.nc, plan.plane), xp=xp)
 
         def run(n0, n1):
-            dplanes[:, n0:n1] = 0
+            shape = (len(plan.phases), n1 - n0, plan.plane)
+            dplanes = workspace("pool_dplanes", shape, xp=xp)
+            dplanes[...] = 0
             body(dplanes, n0, n1)
-            plan.merge(dplanes, dx3, n0, n1)
+            plan.phase_grid.merge(dplanes, dx3[n0:n1])
 
         self._each_block(run, xp)
 
@@ -268,16 +274,14 @@ class Pooling(Layer):
             a = self._dense_matrix(xp)
             xp.matmul(x3.reshape(self.nc, -1), a, out=y.reshape(self.nc, -1))
         elif self.method == _PP.AVE:
-            planes = self._plane_buffer(xp, 0.0)
-            acc = self._grid("acc", xp)
             y3 = y.reshape(self.nc, plan.ho, plan.wo)
             divisor = xp.asarray(plan.divisor)
 
             def run(n0, n1):
-                plan.split(x3, planes, n0, n1)
-                a = acc[n0:n1]
+                planes = self._block_planes(x3, n0, n1, xp, 0.0)
+                a = workspace("pool_acc", (n1 - n0, plan.grid), xp=xp)
                 for n, (_, k, shift) in enumerate(plan.offsets):
-                    v = plan.window(planes, k, shift, n0, n1)
+                    v = plan.window(planes, k, shift, 0, n1 - n0)
                     if n == 0:
                         a[...] = v
                     else:
@@ -307,27 +311,26 @@ class Pooling(Layer):
 
     def _forward_max(self, x3, y, top, xp):
         plan = self._plan
-        planes = self._plane_buffer(xp, float("-inf"))
-        best = self._grid("best", xp)
         code = self._grid("code", xp, self._code_dtype())
-        mask = self._grid("mask", xp, bool)
-        tmp = self._grid("tcode", xp, self._code_dtype())
         ctype = code.dtype.type
-        # The mask as integers of the code's width (bool * int8 goes through a slower cast).
-        mask_int = mask.view(code.dtype) if code.dtype.itemsize == 1 else mask
         y3 = y.reshape(self.nc, plan.ho, plan.wo)
 
         # Masked writes (copyto/where) are slow on random masks; use plain arithmetic:
         # codes grow along the scan, so code = max(code, (v > best) * (c + 1)) keeps the
         # first strict maximum, as Caffe's `if (x > top)` scan does.
         def run(n0, n1):
-            plan.split(x3, planes, n0, n1)
-            b, c, m, t = best[n0:n1], code[n0:n1], mask[n0:n1], tmp[n0:n1]
-            mi = mask_int[n0:n1]
+            rows = n1 - n0
+            planes = self._block_planes(x3, n0, n1, xp, float("-inf"))
+            b = workspace("pool_best", (rows, plan.grid), xp=xp)
+            m = workspace("pool_mask", (rows, plan.grid), bool, xp)
+            t = workspace("pool_tcode", (rows, plan.grid), code.dtype, xp)
+            # The mask as integers of the code's width (bool * int8 takes a slower cast).
+            mi = m.view(code.dtype) if code.dtype.itemsize == 1 else m
+            c = code[n0:n1]
             b[...] = _FLT_MIN
             c[...] = 0
             for cc, k, shift in plan.offsets:
-                v = plan.window(planes, k, shift, n0, n1)
+                v = plan.window(planes, k, shift, 0, rows)
                 xp.greater(v, b, out=m)
                 xp.fmax(b, v, out=b)
                 xp.multiply(mi, ctype(cc + 1), out=t)
@@ -411,7 +414,7 @@ class Pooling(Layer):
             def body(dplanes, n0, n1):
                 g = self._dy_grid(dy, xp, divisor, n0, n1)
                 for _, k, shift in plan.offsets:
-                    dst = plan.window(dplanes, k, shift, n0, n1)
+                    dst = plan.window(dplanes, k, shift, 0, n1 - n0)
                     xp.add(dst, g[n0:n1], out=dst)
 
         elif self.method == _PP.STOCHASTIC and self.phase == caffe_pb2.TEST:
@@ -463,7 +466,7 @@ class Pooling(Layer):
         def body(dplanes, n0, n1):
             for _, k, shift in plan.offsets:
                 v = plan.window(planes, k, shift, n0, n1)
-                dst = plan.window(dplanes, k, shift, n0, n1)
+                dst = plan.window(dplanes, k, shift, 0, n1 - n0)
                 dst += g[n0:n1] * (2 * v - y[n0:n1])
 
         return body
