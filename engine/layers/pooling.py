@@ -7,6 +7,8 @@ output grid carries (k-1)/s spare columns per row, dropped at the end). AVE pool
 planes is instead one GEMM with the dense averaging matrix (forward and backward).
 """
 
+import threading
+
 import numpy as np
 
 from engine import backend
@@ -193,7 +195,7 @@ class Pooling(Layer):
         """fn(n0, n1) over row blocks of the NC planes, small enough to stay in cache across
         all kernel offsets (~256 KB of phase planes), split between threads."""
         plan = self._plan
-        block = max(16, POOL_BLOCK_BYTES // (4 * len(plan.phases) * plan.plane))
+        block = self._block_rows()
 
         def run(r0, r1):
             for n0 in range(r0, r1, block):
@@ -202,13 +204,24 @@ class Pooling(Layer):
         parallel_batch(self.nc, run, self.nc * plan.plane * len(plan.phases), xp)
 
     def _block_planes(self, x3, n0, n1, xp, fill):
-        """Rows n0:n1 of x3 split into phase planes (n_phases, n1 - n0, plane) taken from the
-        thread's shared workspace, every cell outside the input set to `fill`."""
+        """Rows n0:n1 of x3 split into phase planes (n_phases, n1 - n0, plane): a block-sized
+        array per thread, kept by the layer so that the cells outside the input keep `fill`
+        (refilling them per block costs more than the pooling's arithmetic on small planes)."""
         plan = self._plan
-        planes = workspace("pool_planes", (len(plan.phases), n1 - n0, plan.plane), xp=xp)
-        plan.phase_grid.fill_outside(planes, fill)
+        shape = (len(plan.phases), self._block_rows(), plan.plane)
+        key = ("planes", fill, threading.get_ident())
+        planes = self._buf.get(key)
+        if planes is None or planes.shape != shape or backend.get_array_module(planes) is not xp:
+            planes = self._buf[key] = xp.empty(shape, dtype=np.float32)
+            plan.phase_grid.fill_outside(planes, fill)
+        planes = planes[:, : n1 - n0]
         plan.phase_grid.split(x3[n0:n1], planes)
         return planes
+
+    def _block_rows(self):
+        """Rows of the NC planes per block: ~POOL_BLOCK_BYTES of phase planes."""
+        plan = self._plan
+        return min(self.nc, max(16, POOL_BLOCK_BYTES // (4 * len(plan.phases) * plan.plane)))
 
     def _plane_buffer(self, xp, fill):
         plan = self._plan
