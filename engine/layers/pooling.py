@@ -2,9 +2,10 @@
 divisor rules, vectorised over kernel offsets.
 
 Each window offset reads one shifted view of a "phase" plane: the padded input split by
-stride phase and flattened, so every offset is one contiguous slice over the whole batch (the
-output grid carries (k-1)/s spare columns per row, dropped at the end). AVE pooling of small
-planes is instead one GEMM with the dense averaging matrix (forward and backward).
+stride phase and flattened, so every offset is one contiguous slice over a cache-sized block
+of planes (the output grid carries (k-1)/s spare columns per row, dropped at the end). AVE
+pooling of small planes is instead one GEMM with the dense averaging matrix (forward and
+backward).
 """
 
 import threading
@@ -193,7 +194,7 @@ class Pooling(Layer):
 
     def _each_block(self, fn, xp):
         """fn(n0, n1) over row blocks of the NC planes, small enough to stay in cache across
-        all kernel offsets (~256 KB of phase planes), split between threads."""
+        all kernel offsets (~POOL_BLOCK_BYTES of phase planes), split between threads."""
         plan = self._plan
         block = self._block_rows()
 
