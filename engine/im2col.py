@@ -239,18 +239,18 @@ def shift_work_shape(x_shape, kernel, pad, stride, dilation):
     return (kernel[1], x_shape[1], x_shape[0], padded[0], out[1])
 
 
-def _zero_border(arr, pad, size):
-    """Zero the cells of arr (..., *padded) outside the interior [p, p + s) of each of the
-    trailing axes: a work array may hold another layer's values there."""
-    lead = arr.ndim - len(pad)
-    for axis, (p, s) in enumerate(zip(pad, size)):
+def fill_border(arr, start, size, fill=0):
+    """Set the cells of arr (..., *padded) outside the interior [p, p + s) of each of the
+    trailing axes to `fill`: a work array may hold another layer's values there."""
+    lead = arr.ndim - len(start)
+    for axis, (p, s) in enumerate(zip(start, size)):
         index = [slice(None)] * arr.ndim
         if p > 0:
             index[lead + axis] = slice(0, p)
-            arr[tuple(index)] = 0
+            arr[tuple(index)] = fill
         if p + s < arr.shape[lead + axis]:
             index[lead + axis] = slice(p + s, None)
-            arr[tuple(index)] = 0
+            arr[tuple(index)] = fill
 
 
 def _im2col_shifted(x, kernel, pad, dilation, out_sp, col, work, xp):
@@ -272,7 +272,7 @@ def _im2col_shifted(x, kernel, pad, dilation, out_sp, col, work, xp):
             shifted = work[j, :, n0:n1]
             if hi > lo:
                 shifted[:, :, ph : ph + height, lo:hi] = src[:, :, :, lo + s : hi + s]
-                _zero_border(shifted, (ph, lo), (height, hi - lo))
+                fill_border(shifted, (ph, lo), (height, hi - lo))
             else:
                 shifted[...] = 0
             for i in range(kh):
@@ -318,7 +318,7 @@ def im2col(x, kernel, pad, stride, dilation, out=None, work=None):
         if use_pad:
             src = work[:, n0:n1]
             src[lead + interior] = x[n0:n1].swapaxes(0, 1)
-            _zero_border(src, pad, x.shape[2:])
+            fill_border(src, pad, x.shape[2:])
         else:
             src = x[n0:n1].swapaxes(0, 1)
         for offset, win in windows:
@@ -436,11 +436,9 @@ class PhaseGrid:
             if ph is None:
                 planes[k] = fill
                 continue
-            (py, pz, _, _), grid = ph, self._plane_grid(planes[k])
-            grid[..., : py.start, :] = fill
-            grid[..., py.stop :, :] = fill
-            grid[..., py, : pz.start] = fill
-            grid[..., py, pz.stop :] = fill
+            py, pz = ph[:2]
+            interior = (py.stop - py.start, pz.stop - pz.start)
+            fill_border(self._plane_grid(planes[k]), (py.start, pz.start), interior, fill)
             planes[k, ..., self.hq * self.wq :] = fill
 
     def merge(self, planes, out):
