@@ -111,3 +111,13 @@ class Blob:
 
     def __repr__(self):
         return f"Blob{self._shape}"
+
+
+class BlobVec(list):
+    """A layer's parameter blobs: a list of Blob with pycaffe's `add_blob(*shape)`, which
+    Python layers call in `setup` to create their learnable parameters (zero-filled)."""
+
+    def add_blob(self, *shape):
+        blob = Blob(shape)
+        self.append(blob)
+        return blob

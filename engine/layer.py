@@ -3,7 +3,7 @@
 A layer has setup (layer_setup + reshape), forward, backward and its parameter `blobs`.
 """
 
-from engine.blob import Blob
+from engine.blob import Blob, BlobVec
 
 _REGISTRY = {}
 
@@ -72,15 +72,22 @@ class Layer:
     # Bottom indices that can never receive a gradient (labels, indices).
     no_grad_bottoms = ()
 
-    def __init__(self, param, phase):
+    def __init__(self, param, phase=None):
+        # pycaffe constructs a Python layer's class with the LayerParameter alone and sets
+        # `phase` before `setup`, hence the default.
         self.param = param
         self.phase = phase
-        self.blobs = []
+        self.blobs = BlobVec()
         self.param_propagate_down = []
 
     @property
     def name(self):
         return self.param.name
+
+    @property
+    def type(self):
+        """The Caffe type name from the prototxt (pycaffe's `layer.type`)."""
+        return self.param.type
 
     def error(self, message):
         return LayerError(f"layer {self.param.name!r} ({self.param.type}): {message}")

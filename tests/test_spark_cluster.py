@@ -184,6 +184,51 @@ def test_resume_from_snapshot_continues(spark, data, trained):
         np.testing.assert_allclose(w, ref[name], rtol=1e-4, atol=2e-6, err_msg=name)
 
 
+PY_RELU = """
+import numpy as np
+
+import engine as caffe
+
+
+class PyReLU(caffe.Layer):
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        np.maximum(bottom[0].data, 0, out=top[0].data)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            bottom[0].diff[...] = top[0].diff * (top[0].data > 0)
+"""
+
+
+def test_python_layer_shipped_with_py_files(spark, data, trained, tmp_path):
+    # LeNet with relu1 as a Python layer whose module reaches the executors only through
+    # addPyFile (spark-submit --py-files): it must train exactly like the built-in ReLU.
+    module = tmp_path / "shipped_relu_layer.py"
+    module.write_text(PY_RELU)
+    spark.sparkContext.addPyFile(str(module))
+    solver = write_solver(tmp_path, data["train"], data["test"], 16)
+    net = caffe_pb2.NetParameter()
+    text_format.Parse((tmp_path / "net.prototxt").read_text(), net)
+    (relu,) = [lp for lp in net.layer if lp.type == "ReLU"]
+    relu.type = "Python"
+    relu.python_param.module, relu.python_param.layer = "shipped_relu_layer", "PyReLU"
+    (tmp_path / "net.prototxt").write_text(text_format.MessageToString(net))
+    conf = Config(spark, conf=solver, model=str(tmp_path / "lenet.caffemodel"))
+    s = CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+    np.testing.assert_allclose(s.losses, trained["summary"].losses, rtol=1e-5, atol=1e-6)
+    ref = model_weights(trained["summary"].model)
+    for name, w in model_weights(s.model).items():
+        np.testing.assert_allclose(w, ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    feats = Config(spark, conf=solver, model=s.model, features="ip2")
+    assert CaffeOnSpark(spark).features(DataSource.get(feats, is_train=False)).count() == 103
+
+
 def test_train_with_validation(spark, data):
     folder = data["root"] / "validated"
     folder.mkdir()

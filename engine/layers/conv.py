@@ -167,7 +167,7 @@ class BaseConvolution(Layer):
         self.is_1x1 = all(k == 1 for k in self.kernel) and all(s == 1 for s in self.stride)
         self.is_1x1 = self.is_1x1 and not any(self.pad)
         self.bias_term = bool(cp.bias_term)
-        self.blobs = []
+        self.blobs.clear()
         wshape = (self.map_channels, self.img_channels // self.group) + self.kernel
         self.add_blob(wshape, cp.weight_filler)
         if self.bias_term:

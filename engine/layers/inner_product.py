@@ -25,7 +25,7 @@ class InnerProduct(Layer):
         self.axis = bottom[0].canonical_axis(ip.axis)
         self.k = bottom[0].count_range(self.axis)
         wshape = (self.k, self.num_output) if self.transpose else (self.num_output, self.k)
-        self.blobs = []
+        self.blobs.clear()
         self.add_blob(wshape, ip.weight_filler)
         if self.bias_term:
             self.add_blob((self.num_output,), ip.bias_filler)
