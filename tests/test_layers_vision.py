@@ -386,6 +386,31 @@ def test_convolution_chunked_batch_matches_single_chunk(monkeypatch, keep):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_test_phase_convolution_keeps_no_columns_and_backward_rebuilds_them():
+    # A TEST net (features, test nets beside a training net) holds no batch of columns per
+    # layer; a backward through it (deploy-net saliency) rebuilds them: same bits as TRAIN.
+    x = randn(3, 3, 7, 7)
+    dy = None
+    results = []
+    for phase in (TRAIN, TEST):
+        layer = make_layer(
+            f"name: 'c' type: 'Convolution' convolution_param {{ num_output: 4 kernel_size: 3 "
+            f"pad: 1 stride: 2 {FILLERS} }}",
+            phase,
+            seed=3,
+        )
+        bottom, top = setup(layer, x)
+        (y,) = run(layer, bottom, top)
+        dy = randn(*y.shape, seed=4) if dy is None else dy
+        top[0].diff[...] = dy
+        layer.backward(top, [True], bottom)
+        assert layer.keep_cols == (phase == TRAIN)
+        assert any(k[0] == "cols" for k in layer._buf) == (phase == TRAIN)
+        results.append((y, bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_convolutions_interleaved_share_the_workspace_safely(monkeypatch, keep):
     # Two layers run as in a net (forward 1, forward 2, backward 2, backward 1), with chunked

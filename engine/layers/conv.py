@@ -48,8 +48,8 @@ FOURIER_MAX_SPECTRUM = 1 << 24
 # column gradient likewise. Measured on CIFAR10-quick (2 cores): larger chunks won over
 # cache-sized ones (8 MB: +8%, 1 MB: +60% per training step) - fewer, larger GEMMs.
 COL_BUDGET = 1 << 24
-# Up to this many elements (128 MB) the forward's columns of the whole batch are kept for the
-# weight gradient; bigger layers rebuild them chunk by chunk in backward.
+# Up to this many elements (128 MB) a TRAIN forward's columns of the whole batch are kept for
+# the weight gradient; bigger layers (and TEST nets) rebuild them chunk by chunk in backward.
 KEEP_BUDGET = 1 << 25
 # Per-image weight-gradient products summed per block of this many elements (cache-sized).
 WGRAD_BLOCK = 1 << 20
@@ -235,8 +235,10 @@ class BaseConvolution(Layer):
         self.fourier = self._fourier_plan(b0)
         train = self.phase == caffe_pb2.TRAIN
         self.fourier_forward = self.fourier is not None and fourier.forward_enabled(train)
-        # Fourier gradients start from the bottom's spectrum: columns need not be kept.
-        self.keep_cols = self.keep_cols and self.fourier is None
+        # Fourier gradients start from the bottom's spectrum: columns need not be kept. A TEST
+        # net keeps none either (it rarely runs backward, which then rebuilds them): features
+        # and test nets beside a training net would otherwise hold a batch of columns per layer.
+        self.keep_cols = self.keep_cols and self.fourier is None and train
         self._buf = {}
         self._cols_kept = {}
 
