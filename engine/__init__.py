@@ -35,12 +35,26 @@ _SOLVER_NAMES = (
 )
 
 
+# pycaffe's caffe.NetSpec / caffe.params / caffe.to_proto; caffe.layers is engine.layers, whose
+# CamelCase attributes are the net_spec layer factories.
+_NET_SPEC_NAMES = ("NetSpec", "params", "to_proto")
+_SUBMODULES = ("layers", "net_spec")
+
+
 def __getattr__(name):
-    # Solvers import the net machinery; load them on first use.
+    # Solvers import the net machinery; load them (and net_spec) on first use.
     if name in _SOLVER_NAMES:
         import engine.solvers
 
         return getattr(engine.solvers, name)
+    if name in _NET_SPEC_NAMES:
+        import engine.net_spec
+
+        return getattr(engine.net_spec, name)
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"engine.{name}")
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 
@@ -58,4 +72,6 @@ __all__ = [
     "set_mode_gpu",
     "set_random_seed",
     *_SOLVER_NAMES,
+    *_NET_SPEC_NAMES,
+    *_SUBMODULES,
 ]
