@@ -17,6 +17,7 @@ from engine import io  # noqa: E402, F401  (pycaffe's caffe.io)
 from engine.backend import set_device, set_mode_cpu, set_mode_gpu  # noqa: E402
 from engine.blob import Blob  # noqa: E402
 from engine.layer import Layer, register  # noqa: E402
+from engine.layer import registered_types as layer_type_list  # noqa: E402  (pycaffe's name)
 from engine.net import TEST, TRAIN, Net  # noqa: E402
 from engine.proto import caffe_pb2  # noqa: E402
 from engine.rng import set_random_seed  # noqa: E402
@@ -38,6 +39,7 @@ _SOLVER_NAMES = (
 # pycaffe's caffe.NetSpec / caffe.params / caffe.to_proto; caffe.layers is engine.layers, whose
 # CamelCase attributes are the net_spec layer factories.
 _NET_SPEC_NAMES = ("NetSpec", "params", "to_proto")
+_CLASSIFIER_NAMES = ("Classifier", "Detector")
 _SUBMODULES = ("layers", "net_spec")
 
 
@@ -51,6 +53,10 @@ def __getattr__(name):
         import engine.net_spec
 
         return getattr(engine.net_spec, name)
+    if name in _CLASSIFIER_NAMES:
+        import engine.classifier
+
+        return getattr(engine.classifier, name)
     if name in _SUBMODULES:
         import importlib
 
@@ -73,5 +79,7 @@ __all__ = [
     "set_random_seed",
     *_SOLVER_NAMES,
     *_NET_SPEC_NAMES,
+    *_CLASSIFIER_NAMES,
+    "layer_type_list",
     *_SUBMODULES,
 ]

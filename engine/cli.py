@@ -273,7 +273,7 @@ def test(args):
     for w in _weight_files(args.weights):
         net.copy_from(w)
     log.info("Running for %d iterations.", iterations)
-    weights = dict(zip(net.blob_names, net.blob_loss_weights))
+    weights = net.blob_loss_weights
     scores = None
     loss = 0.0
     for i in range(iterations):

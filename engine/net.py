@@ -3,6 +3,7 @@ in-place blobs, shared parameters, loss weights and need-backward analysis (net.
 
 import collections
 import copy
+import itertools
 import os
 
 import numpy as np
@@ -148,7 +149,7 @@ class Net:
         param.state.phase = phase
         if level:
             param.state.level = level
-        param.state.stage.extend(stages)
+        param.state.stage.extend(stages or ())  # pycaffe passes stages=None
         self._init(param)
         if weights is not None:
             self.copy_from(weights)
@@ -156,6 +157,10 @@ class Net:
     # --- building -----------------------------------------------------------------------------
     def _init(self, in_param):
         self.phase = in_param.state.phase
+        # Caffe's Net::Callback lists: callables run with the layer index (pycaffe's
+        # before_forward / after_forward / before_backward / after_backward).
+        self._before_forward, self._after_forward = [], []
+        self._before_backward, self._after_backward = [], []
         filtered = filter_net(upgrade_net_input(in_param))
         param = insert_splits(filtered)
         self.param = param
@@ -169,7 +174,7 @@ class Net:
         self.blob_names = []
         self._blobs = []
         self.blob_need_backward = []
-        self.blob_loss_weights = []
+        self._blob_loss_weights = []  # per blob id; pycaffe's raw vector of the same name
         self._input_ids = []
         self.net_params = []  # every layer parameter blob, in layer order (Caffe's params_)
         self.param_owners = []
@@ -189,6 +194,8 @@ class Net:
                 lp.phase = self.phase
             try:
                 layer = create_layer(lp, lp.phase)
+            except LayerError:
+                raise  # already names the layer
             except ValueError as e:
                 raise LayerError(f"layer {lp.name!r}: {e}") from None
             self.layers.append(layer)
@@ -226,7 +233,7 @@ class Net:
                     self._blobs.append(Blob())
                     self.blob_names.append(tname)
                     self.blob_need_backward.append(False)
-                    self.blob_loss_weights.append(0.0)
+                    self._blob_loss_weights.append(0.0)
                     name_to_id[tname] = bid
                     if lp.type == "Input":
                         self._input_ids.append(bid)
@@ -243,7 +250,7 @@ class Net:
                 self._load_layer_blobs(layer, list(lp.blobs), f"{self.source} layer {lp.name!r}")
             layer.loss_weights = self._loss_weights(layer, lp, tops)
             for j, bid in enumerate(top_ids):
-                self.blob_loss_weights[bid] = layer.loss_weights[j]
+                self._blob_loss_weights[bid] = layer.loss_weights[j]
             # Parameters: lr_mult 0 freezes a blob's gradient.
             if len(lp.param) > len(layer.blobs):
                 raise LayerError(
@@ -410,6 +417,69 @@ class Net:
         """pycaffe scripts read `net._layer_names` directly."""
         return self.layer_names
 
+    @property
+    def _blob_names(self):
+        """pycaffe's `net._blob_names` (ours is `blob_names`, the same list)."""
+        return self.blob_names
+
+    @property
+    def _inputs(self):
+        """pycaffe's `net._inputs`: blob indices of the net inputs."""
+        return list(self._input_ids)
+
+    @property
+    def _outputs(self):
+        """pycaffe's `net._outputs`: blob indices of the net outputs."""
+        return list(self._output_ids)
+
+    def _top_ids(self, i):
+        """pycaffe's `net._top_ids(i)`: blob indices of layer i's tops."""
+        return list(self.top_ids[i])
+
+    def _bottom_ids(self, i):
+        """pycaffe's `net._bottom_ids(i)`: blob indices of layer i's bottoms."""
+        return list(self.bottom_ids[i])
+
+    @property
+    def blob_loss_weights(self):
+        """pycaffe's `net.blob_loss_weights`: blob name -> loss weight, in blob order."""
+        return collections.OrderedDict(zip(self.blob_names, self._blob_loss_weights))
+
+    @property
+    def top_names(self):
+        """pycaffe's `net.top_names`: layer name -> its top blob names, for the net as built
+        (auto-inserted Split layers and their `<blob>_<layer>_<i>_split_<k>` tops included)."""
+        return collections.OrderedDict(
+            (name, [self.blob_names[b] for b in ids])
+            for name, ids in zip(self.layer_names, self.top_ids)
+        )
+
+    @property
+    def bottom_names(self):
+        """pycaffe's `net.bottom_names`: layer name -> its bottom blob names (as built)."""
+        return collections.OrderedDict(
+            (name, [self.blob_names[b] for b in ids])
+            for name, ids in zip(self.layer_names, self.bottom_ids)
+        )
+
+    # --- callbacks (Caffe's Net::Callback, pycaffe's Net.before_forward etc.) ----------------
+    def before_forward(self, callback):
+        """Run `callback(layer_index)` before each layer's forward."""
+        self._before_forward.append(callback)
+
+    def after_forward(self, callback):
+        """Run `callback(layer_index)` after each layer's forward."""
+        self._after_forward.append(callback)
+
+    def before_backward(self, callback):
+        """Run `callback(layer_index)` before each layer's backward step (also for layers
+        that need no backward, as Caffe does)."""
+        self._before_backward.append(callback)
+
+    def after_backward(self, callback):
+        """Run `callback(layer_index)` after each layer's backward step."""
+        self._after_backward.append(callback)
+
     def layer_index(self, name):
         try:
             return self._layer_index[name]
@@ -419,23 +489,37 @@ class Net:
     # --- compute ------------------------------------------------------------------------------
     def forward_from_to(self, start=0, end=None):
         end = len(self.layers) - 1 if end is None else end
+        before, after = self._before_forward, self._after_forward
         loss = 0.0
         for i in range(start, end + 1):
+            for callback in before:
+                callback(i)
             layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
             layer.reshape(bottom, top)
             layer.forward(bottom, top)
             for t, w in zip(top, layer.loss_weights):
                 if w:
                     loss += float((t.data * t.diff).sum())
+            for callback in after:
+                callback(i)
         return loss
 
     def backward_from_to(self, start=None, end=0):
         start = len(self.layers) - 1 if start is None else start
+        before, after = self._before_backward, self._after_backward
         for i in range(start, end - 1, -1):
+            for callback in before:
+                callback(i)
             if self.layer_need_backward[i]:
                 self.layers[i].backward(
                     self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i]
                 )
+            for callback in after:
+                callback(i)
+
+    # pycaffe's private names for the two (Net._forward(start, end), Net._backward(...)).
+    _forward = forward_from_to
+    _backward = backward_from_to
 
     def forward_prefilled(self):
         return self.forward_from_to()
@@ -476,6 +560,93 @@ class Net:
         self.backward_from_to(start_i, end_i)
         return {n: self.blobs[n].diff for n in set(names + list(diffs or []))}
 
+    # --- batched runs (pycaffe's forward_all / forward_backward_all) -------------------------
+    def _batch(self, blobs):
+        """pycaffe's Net._batch: split {name: array} into {name: batch} dicts of the net's
+        batch size (the num of the net's first blob, as pycaffe takes it); a last partial
+        batch is padded with zeros to full size."""
+        if not blobs:
+            raise ValueError(f"net {self.name!r}: nothing to batch (no arrays given)")
+        blobs = {n: a if hasattr(a, "shape") else np.asarray(a) for n, a in blobs.items()}
+        lengths = {name: len(arr) for name, arr in blobs.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"net {self.name!r}: arrays to batch differ in length: {lengths}")
+        num = next(iter(lengths.values()))
+        batch_size = self._blobs[0].num if self._blobs else 1
+        full, remainder = divmod(num, batch_size)
+        for b in range(full):
+            lo = b * batch_size
+            yield {name: arr[lo : lo + batch_size] for name, arr in blobs.items()}
+        if remainder:
+            padded = {}
+            for name, arr in blobs.items():
+                xp = backend.get_array_module(arr)
+                tail = arr[num - remainder :]
+                pad = xp.zeros((batch_size - remainder,) + tail.shape[1:], dtype=tail.dtype)
+                padded[name] = xp.concatenate([tail, pad])
+            yield padded
+
+    def _gather(self, chunks, num):
+        """Join per-batch copies into one array per name and drop the padding: outputs with
+        one row per item are concatenated and cut to `num`; any other output (a scalar loss,
+        an accuracy) is stacked, one entry per batch."""
+        out = {}
+        for name, parts in chunks.items():
+            blob = self.blobs[name]
+            if not parts:
+                out[name] = np.zeros((0,) + tuple(blob.shape[1:]), dtype=np.float32)
+            elif parts[0].ndim and parts[0].shape[0] == self._blobs[0].num:
+                out[name] = np.concatenate(parts)[:num]
+            else:
+                out[name] = np.stack(parts)
+        return out
+
+    @staticmethod
+    def _host_copy(arr):
+        return arr.copy() if isinstance(arr, np.ndarray) else backend.to_numpy(arr)
+
+    def forward_all(self, blobs=None, **kwargs):
+        """pycaffe's Net.forward_all: run any number of inputs (keyword arrays, all of the
+        same length) through the net in batches of its batch size, the last one zero-padded.
+        Returns {blob name: array} for the outputs and `blobs`, cut to the input count."""
+        if not kwargs:
+            raise ValueError(
+                f"net {self.name!r}: forward_all needs the inputs as keyword arrays, "
+                f"e.g. forward_all({(self.inputs or ['data'])[0]}=array)"
+            )
+        chunks = {name: [] for name in set(self.outputs + list(blobs or []))}
+        for batch in self._batch(kwargs):
+            outs = self.forward(blobs=blobs, **batch)
+            for name, arr in outs.items():
+                chunks[name].append(self._host_copy(arr))
+        return self._gather(chunks, len(next(iter(kwargs.values()))))
+
+    def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
+        """pycaffe's Net.forward_backward_all: keyword arrays name inputs (fed to forward)
+        and outputs (their diffs fed to backward); both run in padded batches. Returns
+        ({output or `blobs` name: data}, {input or `diffs` name: diff}), cut to the count."""
+        if not kwargs:
+            raise ValueError(f"net {self.name!r}: forward_backward_all needs keyword arrays")
+        fwd = {n: kwargs[n] for n in self.inputs if n in kwargs}
+        bwd = {n: kwargs[n] for n in self.outputs if n in kwargs}
+        unknown = sorted(set(kwargs) - set(fwd) - set(bwd))
+        if unknown:
+            raise KeyError(
+                f"net {self.name!r}: forward_backward_all got {unknown}, which are neither "
+                f"inputs {self.inputs} nor outputs {self.outputs}"
+            )
+        outs = {name: [] for name in set(self.outputs + list(blobs or []))}
+        grads = {name: [] for name in set(self.inputs + list(diffs or []))}
+        fwd_batches = self._batch(fwd) if fwd else ()
+        bwd_batches = self._batch(bwd) if bwd else ()
+        for fb, bb in itertools.zip_longest(fwd_batches, bwd_batches, fillvalue={}):
+            for name, arr in self.forward(blobs=blobs, **fb).items():
+                outs[name].append(self._host_copy(arr))
+            for name, arr in self.backward(diffs=diffs, **bb).items():
+                grads[name].append(self._host_copy(arr))
+        num = len(next(iter(kwargs.values())))
+        return self._gather(outs, num), self._gather(grads, num)
+
     def set_input_arrays(self, data, labels):
         """pycaffe's Net.set_input_arrays: feed a MemoryData first layer."""
         from engine.layers.data_layers import set_input_arrays
@@ -505,10 +676,11 @@ class Net:
             src, source = weights, "<NetParameter>"
         else:
             source = os.fspath(weights)
-            if source.endswith((".h5", ".hdf5")):
-                raise io.CaffeFileError(
-                    f"{source}: HDF5 weights are not supported; use .caffemodel"
-                )
+            from engine import hdf5_weights
+
+            if hdf5_weights.is_hdf5(source):  # Caffe's CopyTrainedLayersFrom checks this first
+                self.load_hdf5(source)
+                return
             src = io.read_binary(source, caffe_pb2.NetParameter())
         from engine.upgrade import upgrade_net_param
 
@@ -557,6 +729,41 @@ class Net:
                     raise LayerError(f"layer {name!r}: param {j} shape {a.shape} != {b.shape}")
                 mine.blobs[j] = b
         self.net_params = [self.layers[li].blobs[pi] for li, pi in self.param_layer_indices]
+
+    def share_with(self, other):
+        """pycaffe's Net.share_with (Caffe's ShareTrainedLayersWith): each layer of `other`
+        whose name this net has lends its parameter DATA arrays (no copy); diffs stay this
+        net's own, so this net can be trained or back-propagated separately."""
+        for name, src in zip(other.layer_names, other.layers):
+            idx = self._layer_index.get(name)
+            if idx is None:
+                continue
+            mine = self.layers[idx]
+            if len(mine.blobs) != len(src.blobs):
+                raise LayerError(
+                    f"share_with: layer {name!r}: incompatible number of blobs: "
+                    f"{len(mine.blobs)} in net {self.name!r}, {len(src.blobs)} in {other.name!r}"
+                )
+            for j, (a, b) in enumerate(zip(mine.blobs, src.blobs)):
+                if a.shape != b.shape:
+                    raise LayerError(
+                        f"share_with: cannot share param {j} weights from layer {name!r}; "
+                        f"shape mismatch. Source param shape is {b.shape}; target param "
+                        f"shape is {a.shape}"
+                    )
+                a.set_data(b.data)
+
+    def save_hdf5(self, path, write_diff=False):
+        """pycaffe's Net.save_hdf5 (Caffe's ToHDF5), written atomically."""
+        from engine import hdf5_weights
+
+        hdf5_weights.save(self, path, write_diff)
+
+    def load_hdf5(self, path):
+        """pycaffe's Net.load_hdf5 (Caffe's CopyTrainedLayersFromHDF5)."""
+        from engine import hdf5_weights
+
+        hdf5_weights.load(self, path)
 
     def to_proto(self, write_diff=False):
         out = caffe_pb2.NetParameter()

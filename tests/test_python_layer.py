@@ -235,7 +235,7 @@ def test_load_errors_name_the_layer(user_module, python_param, message):
             INPUTS + 'layer { name: "bad" type: "Python" bottom: "a" top: "t" '
             f"python_param {{ {python_param} }} }}"
         )
-    assert message in str(err.value)
+    assert message in str(err.value) and str(err.value).count("layer 'bad'") == 1
     if "cannot import" in message:
         assert "PYTHONPATH" in str(err.value) and str(user_module) in str(err.value)
 

@@ -475,7 +475,7 @@ class Solver:
 
     def _log_outputs(self, kind, net, values):
         """Caffe's `    Train net output #k: name = v (* w = w*v loss)` lines."""
-        weights = dict(zip(net.blob_names, net.blob_loss_weights))
+        weights = net.blob_loss_weights
         k = 0
         for name, value in values:
             w = _F32(weights.get(name, 0.0))
@@ -683,11 +683,15 @@ class Solver:
 
     # --- pycaffe extras --------------------------------------------------------------------
     def add_callback(self, on_start=None, on_gradients_ready=None):
+        """pycaffe's Solver.add_callback: `on_start()` runs at the start of every iteration,
+        `on_gradients_ready()` after backward, before the update. pycaffe calls both with no
+        arguments (unlike the `on_start` / `on_gradients_ready` lists, which pass the solver)."""
         if on_start is not None:
-            self.on_start.append(on_start)
+            self.on_start.append(lambda _solver: on_start())
         if on_gradients_ready is not None:
-            self.on_gradients_ready.append(on_gradients_ready)
+            self.on_gradients_ready.append(lambda _solver: on_gradients_ready())
 
     def share_weights(self, net):
-        """pycaffe's Solver.share_weights: make `net` use the train net's parameters."""
-        net.share_trained_layers_with(self.net)
+        """pycaffe's Solver.share_weights: `net` reads the train net's parameter data (Caffe's
+        ShareTrainedLayersWith; `net` keeps its own diffs)."""
+        net.share_with(self.net)
