@@ -40,7 +40,7 @@ _SOLVER_NAMES = (
 # CamelCase attributes are the net_spec layer factories.
 _NET_SPEC_NAMES = ("NetSpec", "params", "to_proto")
 _CLASSIFIER_NAMES = ("Classifier", "Detector")
-_SUBMODULES = ("layers", "net_spec")
+_SUBMODULES = ("draw", "layers", "net_spec")
 
 
 def __getattr__(name):

@@ -450,6 +450,20 @@ def test_draw_net_phase_and_dot(tmp_path):
     assert "accuracy" in titles and float(root.get("width")) > float(root.get("height"))
 
 
+def test_pycaffe_draw_module(tmp_path):
+    # pycaffe's python/draw_net.py: caffe.draw.draw_net_to_file(net, file, rankdir, phase).
+    param = read_net(CONF / "lenet" / "lenet_train_test.prototxt")
+    dot = tmp_path / "lenet.dot"
+    engine.draw.draw_net_to_file(param, str(dot), "TB", engine.TEST)
+    text = dot.read_text()
+    assert "rankdir=TB;" in text and "accuracy" in text and "batch 64" not in text
+    engine.draw.draw_net_to_file(param, str(tmp_path / "all.dot"), "LR", None)
+    assert "batch 64" in (tmp_path / "all.dot").read_text()
+    with pytest.raises(ValueError, match=r"cannot draw to \.png: write \.svg, or \.dot"):
+        engine.draw.draw_net_to_file(param, str(tmp_path / "net.png"))
+    assert not (tmp_path / "net.png").exists()
+
+
 def test_draw_net_escapes_and_reports_errors(tmp_path, capsys):
     param = text_format.Parse(
         'name: "a<b>&c" layer { name: "in \\"x\\" & <y>" type: "Input" top: "d<1>" '

@@ -7,6 +7,7 @@ layered DAG drawing (longest-path ranks, dummy nodes on long edges, barycentre o
 
 import argparse
 import collections
+import os
 import sys
 from xml.sax.saxutils import escape
 
@@ -341,15 +342,29 @@ def select_phase(param, phase):
     return filter_net(staged)
 
 
+def _phase_name(phase):
+    """pycaffe passes None (all layers) or caffe.TRAIN / caffe.TEST; the CLI a name."""
+    if phase is None:
+        return "ALL"
+    return phase if isinstance(phase, str) else caffe_pb2.Phase.Name(phase)
+
+
 def draw_net_to_file(net, out_path, rankdir="LR", phase="ALL"):
-    """Render a net (prototxt path or NetParameter) to .svg, or .dot text by extension."""
+    """Render a net (prototxt path or NetParameter) to .svg, or .dot text by extension
+    (pycaffe's caffe.draw.draw_net_to_file; raster formats need Graphviz on the .dot)."""
+    ext = os.path.splitext(str(out_path))[1].lower()
+    if ext not in (".svg", ".dot"):
+        raise ValueError(
+            f"{out_path}: cannot draw to {ext or 'a file without extension'}: write .svg, or "
+            ".dot and render that with Graphviz (dot -Tpng net.dot -o net.png)"
+        )
     if isinstance(net, caffe_pb2.NetParameter):
         param, source = net, "<NetParameter>"
     else:
         source = str(net)
         param = io.read_net_param(source)
-    param = select_phase(upgrade_net_param(param, source), phase)
-    text = to_dot(param, rankdir) if str(out_path).endswith(".dot") else to_svg(param, rankdir)
+    param = select_phase(upgrade_net_param(param, source), _phase_name(phase))
+    text = to_dot(param, rankdir) if ext == ".dot" else to_svg(param, rankdir)
     io.atomic_write_bytes(out_path, text.encode("utf-8"))
     return text
 
