@@ -715,25 +715,9 @@ class Net:
             arr = io.blobproto_to_array(proto).reshape(blob.shape)
             blob.data[...] = backend.xp().asarray(arr)
 
-    def share_trained_layers_with(self, other):
-        """Make same-named layers of this net use `other`'s parameter blobs (test nets)."""
-        for name, layer in zip(other.layer_names, other.layers):
-            idx = self._layer_index.get(name)
-            if idx is None or not layer.blobs:
-                continue
-            mine = self.layers[idx]
-            if len(mine.blobs) != len(layer.blobs):
-                raise LayerError(f"layer {name!r}: incompatible number of blobs when sharing")
-            for j, (a, b) in enumerate(zip(mine.blobs, layer.blobs)):
-                if a.shape != b.shape:
-                    raise LayerError(f"layer {name!r}: param {j} shape {a.shape} != {b.shape}")
-                mine.blobs[j] = b
-        self.net_params = [self.layers[li].blobs[pi] for li, pi in self.param_layer_indices]
-
-    def share_with(self, other):
-        """pycaffe's Net.share_with (Caffe's ShareTrainedLayersWith): each layer of `other`
-        whose name this net has lends its parameter DATA arrays (no copy); diffs stay this
-        net's own, so this net can be trained or back-propagated separately."""
+    def _shared_params(self, other, what):
+        """(layer, j, other's blob) for each parameter of `other`'s layers that this net has
+        by name, with Caffe's ShareTrainedLayersWith checks (blob count, shapes)."""
         for name, src in zip(other.layer_names, other.layers):
             idx = self._layer_index.get(name)
             if idx is None:
@@ -741,17 +725,31 @@ class Net:
             mine = self.layers[idx]
             if len(mine.blobs) != len(src.blobs):
                 raise LayerError(
-                    f"share_with: layer {name!r}: incompatible number of blobs: "
+                    f"{what}: layer {name!r}: incompatible number of blobs: "
                     f"{len(mine.blobs)} in net {self.name!r}, {len(src.blobs)} in {other.name!r}"
                 )
             for j, (a, b) in enumerate(zip(mine.blobs, src.blobs)):
                 if a.shape != b.shape:
                     raise LayerError(
-                        f"share_with: cannot share param {j} weights from layer {name!r}; "
+                        f"{what}: cannot share param {j} weights from layer {name!r}; "
                         f"shape mismatch. Source param shape is {b.shape}; target param "
                         f"shape is {a.shape}"
                     )
-                a.set_data(b.data)
+                yield mine, j, b
+
+    def share_trained_layers_with(self, other):
+        """Make same-named layers of this net use `other`'s parameter blobs, data and diff
+        (the solver's test nets)."""
+        for layer, j, blob in self._shared_params(other, "sharing the trained layers"):
+            layer.blobs[j] = blob
+        self.net_params = [self.layers[li].blobs[pi] for li, pi in self.param_layer_indices]
+
+    def share_with(self, other):
+        """pycaffe's Net.share_with (Caffe's ShareTrainedLayersWith): each layer of `other`
+        whose name this net has lends its parameter DATA arrays (no copy); diffs stay this
+        net's own, so this net can be trained or back-propagated separately."""
+        for layer, j, blob in self._shared_params(other, "share_with"):
+            layer.blobs[j].set_data(blob.data)
 
     def save_hdf5(self, path, write_diff=False):
         """pycaffe's Net.save_hdf5 (Caffe's ToHDF5), written atomically."""
