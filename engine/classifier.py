@@ -26,6 +26,16 @@ def _configure_transformer(net, mean, input_scale, raw_scale, channel_swap):
     return transformer
 
 
+def _predict(net, images):
+    """The net's first output for H x W x K images: each preprocessed into the first input,
+    all run with forward_all."""
+    in_ = net.inputs[0]
+    batch = np.zeros((len(images),) + net.blobs[in_].data.shape[1:], dtype=np.float32)
+    for ix, image in enumerate(images):
+        batch[ix] = net.transformer.preprocess(in_, image)
+    return net.forward_all(**{in_: batch})[net.outputs[0]]
+
+
 class Classifier(Net):
     """pycaffe's caffe.Classifier: a TEST-phase Net that predicts class probabilities of
     H x W x K images. Images are resized to `image_dims` (default: the input's H x W), then
@@ -73,13 +83,7 @@ class Classifier(Net):
             box = np.concatenate([centre - self.crop_dims / 2.0, centre + self.crop_dims / 2.0])
             y0, x0, y1, x1 = box.astype(int)
             crops = images[:, y0:y1, x0:x1, :]
-        in_ = self.inputs[0]
-        caffe_in = np.zeros(
-            (len(crops), crops.shape[3], crops.shape[1], crops.shape[2]), dtype=np.float32
-        )
-        for ix, crop in enumerate(crops):
-            caffe_in[ix] = self.transformer.preprocess(in_, crop)
-        predictions = self.forward_all(**{in_: caffe_in})[self.outputs[0]]
+        predictions = _predict(self, crops)
         if oversample:
             predictions = predictions.reshape((len(predictions) // 10, 10, -1)).mean(1)
         return predictions
@@ -117,14 +121,7 @@ class Detector(Net):
                 window_inputs.append(self.crop(image, window))
         if not window_inputs:
             raise ValueError("Detector.detect_windows: no windows given")
-        in_ = self.inputs[0]
-        caffe_in = np.zeros(
-            (len(window_inputs), window_inputs[0].shape[2]) + self.blobs[in_].data.shape[2:],
-            dtype=np.float32,
-        )
-        for ix, window_in in enumerate(window_inputs):
-            caffe_in[ix] = self.transformer.preprocess(in_, window_in)
-        predictions = self.forward_all(**{in_: caffe_in})[self.outputs[0]]
+        predictions = _predict(self, window_inputs)
         detections = []
         ix = 0
         for fname, windows in images_windows:
