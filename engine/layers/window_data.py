@@ -38,14 +38,14 @@ class WindowFile:
         if tokens.done():
             raise DataSourceError(f"{source}: window file is empty (no '# image_index' block)")
         fg_t, bg_t = np.float32(fg_threshold), np.float32(bg_threshold)
-        self.paths, self.image_lines = [], []
+        self.paths = []
         fg, bg, fg_lines, bg_lines = [], [], [], []
         while not tokens.done():
             tag, line = tokens.take("'#'", str)
             if tag != "#":
                 raise DataSourceError(f"{source}:{line}: expected '#' starting an image block")
             tokens.take("an image index", _int)
-            path, line = tokens.take("an image path", str)
+            path, _ = tokens.take("an image path", str)
             channels, cline = tokens.take("channels", _int)
             if channels != 3:
                 raise DataSourceError(
@@ -59,7 +59,6 @@ class WindowFile:
                 raise DataSourceError(f"{source}:{nline}: negative number of windows {count}")
             image = len(self.paths)
             self.paths.append(root_folder + path)
-            self.image_lines.append(line)
             for _ in range(count):
                 label, wline = tokens.take("a class index", _int)
                 overlap = np.float32(tokens.take("an overlap", float)[0])
