@@ -335,6 +335,32 @@ def test_test_returns_dataset_means(spark, data, trained):
     assert result["loss"] == pytest.approx(float(ref["loss"]), rel=1e-4)
 
 
+def test_lmdbs_shipped_as_archives(spark, data, tmp_path):
+    """LMDBs on no shared path, shipped with the job as `spark-submit --archives` does: the
+    prototxt names them by folder name only, and driver and executors find Spark's copies."""
+    import tarfile
+
+    train_tgz = tmp_path / "shipped_train_lmdb.tgz"  # one folder inside
+    with tarfile.open(train_tgz, "w:gz") as tar:
+        tar.add(data["train"], arcname="shipped_train_lmdb")
+    test_tgz = tmp_path / "digits.tgz"  # the LMDB's files, unpacked under the #name
+    with tarfile.open(test_tgz, "w:gz") as tar:
+        for name in os.listdir(data["test"]):
+            tar.add(os.path.join(data["test"], name), arcname=name)
+    spark.sparkContext.addArchive(str(train_tgz))
+    spark.sparkContext.addArchive(f"{test_tgz}#shipped_test_lmdb")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    solver = write_solver(folder, "shipped_train_lmdb", "shipped_test_lmdb", 16, max_iter=4)
+    assert not os.path.exists("shipped_train_lmdb") and not os.path.exists("shipped_test_lmdb")
+    conf = Config(spark, conf=solver, model=str(folder / "lenet.caffemodel"))
+    s = CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+    assert s.ranks == 2 and s.final_iter == 4
+    conf = Config(spark, conf=solver, model=s.model, features="ip2", lmdb_partitions=2)
+    rows = CaffeOnSpark(spark).features(DataSource.get(conf, is_train=False)).collect()
+    assert sorted(r.SampleID for r in rows) == lmdb_keys(data["test"])
+
+
 def test_write_features_parquet(spark, data, trained):
     out = data["root"] / "features.parquet"
     conf = Config(

@@ -247,3 +247,50 @@ def test_lmdb_missing_on_the_executor_names_the_fix(tmp_path):
 
     with pytest.raises(SourceError, match="not on this executor.*sc.addFile"):
         locate_lmdb(str(tmp_path / "elsewhere_lmdb"), str(tmp_path), "layer 'd'")
+
+
+@pytest.fixture
+def spark_files(tmp_path, monkeypatch):
+    """A SparkFiles folder (as Spark leaves it after --archives) seen without a SparkContext;
+    relative, as an executor's is (its working directory)."""
+    from pyspark import SparkFiles
+
+    root = tmp_path / "userFiles"
+    root.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(SparkFiles, "getRootDirectory", staticmethod(lambda: "userFiles"))
+    return root
+
+
+def test_lmdb_shipped_with_the_job_is_found_by_its_folder_name(tmp_path, spark_files):
+    from caffeonspark.sources.lmdb import locate_lmdb
+
+    flat, _, _ = write_lmdb(spark_files / "train_lmdb", 3)  # --archives flat.tgz#train_lmdb
+    (spark_files / "val_lmdb.tgz").mkdir()  # --archives val_lmdb.tgz holding one folder
+    nested, _, _ = write_lmdb(spark_files / "val_lmdb.tgz" / "val_lmdb", 4)
+    (spark_files / "two_lmdb").mkdir()  # an archive holding two LMDBs: which one is meant?
+    write_lmdb(spark_files / "two_lmdb" / "a", 2)
+    write_lmdb(spark_files / "two_lmdb" / "b", 2)
+    work = str(tmp_path)
+    assert locate_lmdb("/nowhere/train_lmdb", work, "d") == flat
+    assert locate_lmdb("file:///nowhere/val_lmdb/", work, "d") == nested
+    present, _, _ = write_lmdb(tmp_path / "present_lmdb", 2)
+    assert locate_lmdb(present, work, "d") == present  # a path that exists wins
+    for missing in ("/nowhere/two_lmdb", "/nowhere/other_lmdb"):
+        with pytest.raises(SourceError, match=r"not on this executor.*--archives"):
+            locate_lmdb(missing, work, "d")
+
+
+def test_driver_reads_a_shipped_lmdb_for_counts_and_key_ranges(lenet, spark_files):
+    write_lmdb(spark_files / "digits_lmdb.tgz", 23)
+    for lp in lenet["conf"].solver_param.net_param.layer:
+        if lp.type == "Data":
+            lp.data_param.source = "digits_lmdb"  # relative: not in the driver's folder
+    source = DataSource.get(lenet["conf"], is_train=True)
+    assert source.readable_here and source.count() == 23
+    assert [n for _, n in source._ranges(2)] == [12, 11]
+    for lp in lenet["conf"].solver_param.net_param.layer:
+        if lp.type == "Data":
+            lp.data_param.source = "absent_lmdb"
+    with pytest.raises(SourceError, match=r"absent_lmdb not found .*absent_lmdb\.tgz"):
+        DataSource.get(lenet["conf"], is_train=True)

@@ -1,9 +1,12 @@
 """LMDB source: every rank (or test partition) reads its own key range of the LMDB directly,
 so no record passes through the driver.
 
-The LMDB sits on a path every executor sees (a shared filesystem), or is shipped with
-SparkFiles (`sc.addFile(path, recursive=True)`): a path missing on the executor is looked up
-in SparkFiles by its folder name. hdfs:// and s3:// LMDBs are copied to the task's local dir.
+The LMDB sits on a path every executor sees (a shared filesystem), or is shipped with the job:
+a local path missing on a machine (driver or executor) is looked up in SparkFiles by its folder
+name, so `--archives train_lmdb.tgz#train_lmdb` (or `train_lmdb.tgz`, `.tar.gz`, `.tar`,
+`.zip`) serves `source: "train_lmdb"` or any path ending in that name; the archive may hold the
+LMDB's files or one folder holding them. `sc.addFile(dir, recursive=True)` of an hdfs:// folder
+works the same way. hdfs:// and s3:// LMDBs are copied to the task's local dir.
 """
 
 import os
@@ -22,28 +25,35 @@ class LMDBDataSource(DataSource):
     def __init__(self, conf, layer, phase):
         super().__init__(conf, layer, phase)
         self.uri = storage.absolute(layer.data_param.source)
+        self.local = None  # where the driver reads it: the path, or its shipped copy
         self._count = None
         self._check()
 
     def _check(self):
         if storage.is_local(self.uri):
-            path = storage.local_path(self.uri)
+            path = given = storage.local_path(self.uri)
             if not os.path.exists(path):
-                raise SourceError(f"{self.name}: LMDB {path} not found (no such directory)")
+                path = shipped_lmdb(given)
+                if path is None:
+                    raise SourceError(
+                        f"{self.name}: LMDB {given} not found (no such directory, and none "
+                        f"shipped with the job as {_shipped_names(self.uri)})"
+                    )
             if not lmdb_io.is_lmdb(path):
                 raise SourceError(f"{self.name}: {path} is not an LMDB (no data.mdb)")
+            self.local = path
         elif not storage.exists(self.uri):
             raise SourceError(f"{self.name}: LMDB {storage.shown(self.uri)} not found")
 
     @property
     def readable_here(self):
-        return storage.is_local(self.uri)
+        return self.local is not None
 
     def count(self, spark=None):
         if self._count is None:
             if self.readable_here:
                 try:
-                    self._count = lmdb_io.count_records(storage.local_path(self.uri))
+                    self._count = lmdb_io.count_records(self.local)
                 except DataSourceError as e:
                     raise SourceError(f"{self.name}: {e}") from None
             else:
@@ -57,7 +67,7 @@ class LMDBDataSource(DataSource):
         if not self.readable_here:
             return None
         try:
-            ranges = lmdb_io.shard_ranges(storage.local_path(self.uri), num)
+            ranges = lmdb_io.shard_ranges(self.local, num)
         except (DataSourceError, ValueError) as e:
             raise SourceError(f"{self.name}: {e}") from None
         return [(key.hex(), n) for key, n in ranges]
@@ -99,7 +109,7 @@ class LMDBLocalizer:
 
 
 def locate_lmdb(uri, workdir, name):
-    """A local path of the LMDB in this executor: as given, from SparkFiles, or copied."""
+    """A local path of the LMDB in this executor: as given, shipped with the job, or copied."""
     if not storage.is_local(uri):
         try:
             return storage.fetch(uri, workdir)
@@ -108,18 +118,45 @@ def locate_lmdb(uri, workdir, name):
     path = storage.local_path(uri)
     if os.path.exists(path):
         return path
-    try:
-        from pyspark import SparkFiles
-
-        shipped = SparkFiles.get(os.path.basename(path.rstrip(os.sep)))
-    except Exception:  # noqa: BLE001 - no SparkContext / SparkFiles outside Spark
-        shipped = None
-    if shipped and os.path.exists(shipped):
+    shipped = shipped_lmdb(path)
+    if shipped is not None:
         return shipped
     raise SourceError(
         f"{name}: LMDB {path} is not on this executor; put it on a shared path or ship it "
-        "with sc.addFile(path, recursive=True)"
+        f"with the job as {_shipped_names(uri)} (spark-submit --archives, or sc.addArchive / "
+        "sc.addFile(hdfs_folder, recursive=True))"
     )
+
+
+ARCHIVE_SUFFIXES = ("", ".tgz", ".tar.gz", ".tar", ".zip")
+
+
+def _shipped_names(uri):
+    name = os.path.basename(storage.local_path(uri).rstrip(os.sep))
+    return " or ".join(name + suffix for suffix in ARCHIVE_SUFFIXES)
+
+
+def shipped_lmdb(path):
+    """The copy of LMDB `path` shipped with the job, found in SparkFiles' folder under the
+    LMDB's folder name (plain, or the name of an archive Spark unpacked there), or None.
+    An unpacked archive may hold the LMDB's files or one folder holding them."""
+    try:
+        from pyspark import SparkFiles
+
+        root = os.path.abspath(SparkFiles.getRootDirectory())  # "." on an executor
+    except Exception:  # noqa: BLE001 - no SparkContext / SparkFiles outside Spark
+        return None
+    name = os.path.basename(path.rstrip(os.sep))
+    for suffix in ARCHIVE_SUFFIXES:
+        candidate = os.path.join(root, name + suffix)
+        if lmdb_io.is_lmdb(candidate):
+            return candidate
+        if os.path.isdir(candidate):
+            inner = [os.path.join(candidate, d) for d in sorted(os.listdir(candidate))]
+            found = [d for d in inner if os.path.isdir(d) and lmdb_io.is_lmdb(d)]
+            if len(found) == 1:
+                return found[0]
+    return None
 
 
 def open_lmdb_spec(spec):
