@@ -246,17 +246,24 @@ class CaffeOnSpark:
     # --- writing -----------------------------------------------------------------------------
     @staticmethod
     def write_features(df, conf):
-        """Write a features DataFrame to -output in -outputFormat (json or parquet)."""
+        """Write a features DataFrame to -output in -outputFormat (json or parquet); returns
+        (uri, rows written). The rows are counted in the output (Parquet's footers, JSON's
+        lines): counting `df` would run the net over the whole dataset a second time."""
         if not conf.output:
             raise ConfigError("-output is not set")
         uri = storage.absolute(conf.output)
         writer = df.write.mode("overwrite")
+        reader = df.sparkSession.read
         if conf.outputFormat == "parquet":
             writer.parquet(uri)
+            rows = reader.parquet(uri).count()
         else:
             writer.json(uri)
-        log.info("wrote features (%s) to %s", conf.outputFormat, storage.shown(uri))
-        return uri
+            rows = reader.text(uri).count()  # one JSON object per line
+        log.info(
+            "wrote %d rows of features (%s) to %s", rows, conf.outputFormat, storage.shown(uri)
+        )
+        return uri, rows
 
 
 def validation_frame(spark, rows):

@@ -58,8 +58,8 @@ def run(conf, spark):
     if conf.features:
         df = cos.features(DataSource.get(conf, is_train=False))
         if conf.output:
-            uri = cos.write_features(df, conf)
-            print(f"features of {df.count()} records written to {uri}", flush=True)
+            uri, rows = cos.write_features(df, conf)
+            print(f"features of {rows} records written to {uri}", flush=True)
         else:
             df.show(5, truncate=60)
     if conf.test:

@@ -372,8 +372,48 @@ def test_write_features_parquet(spark, data, trained):
         outputFormat="parquet",
     )
     cos = CaffeOnSpark(spark)
-    cos.write_features(cos.features(DataSource.get(conf, is_train=False)), conf)
-    assert spark.read.parquet(str(out)).count() == 103
+    uri, rows = cos.write_features(cos.features(DataSource.get(conf, is_train=False)), conf)
+    assert rows == spark.read.parquet(uri).count() == 103
+
+
+def test_the_job_runs_the_net_once_to_write_features(spark, data, trained, tmp_path, monkeypatch):
+    """-features with -output: written and counted without running the net a second time."""
+    import importlib.util
+
+    from pyspark import cloudpickle
+
+    import caffeonspark.api as api
+
+    spec = importlib.util.spec_from_file_location("cos_job", REPO / "jobs" / "caffeonspark.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    runs = tmp_path / "partitions_run"
+    real = api._inference_task
+
+    def counted(*args):
+        task = real(*args)
+
+        def run(index, items):
+            with open(runs, "a") as f:
+                f.write(f"{index}\n")
+            yield from task(index, items)
+
+        return run
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # executors lack tests/
+    monkeypatch.setattr(api, "_inference_task", counted)
+    out = tmp_path / "features.json"
+    conf = Config(
+        spark,
+        conf=trained["conf"].conf,
+        model=trained["summary"].model,
+        features="ip2",
+        output=str(out),
+        lmdb_partitions=2,
+    )
+    assert job.run(conf, spark) == 0
+    assert sorted(runs.read_text().split()) == ["0", "1"]
+    assert spark.read.json(str(out)).count() == 103
 
 
 # --- DataFrame and image sources -----------------------------------------------------------------
