@@ -249,9 +249,7 @@ class CaffeOnSpark:
         """Write a features DataFrame to -output in -outputFormat (json or parquet); returns
         (uri, rows written). The rows are counted in the output (Parquet's footers, JSON's
         lines): counting `df` would run the net over the whole dataset a second time."""
-        if not conf.output:
-            raise ConfigError("-output is not set")
-        uri = storage.absolute(conf.output)
+        uri = check_output(df.sparkSession, conf)
         writer = df.write.mode("overwrite")
         reader = df.sparkSession.read
         if conf.outputFormat == "parquet":
@@ -264,6 +262,27 @@ class CaffeOnSpark:
             "wrote %d rows of features (%s) to %s", rows, conf.outputFormat, storage.shown(uri)
         )
         return uri, rows
+
+
+def check_output(spark, conf):
+    """-output as an absolute URI, after checking that Spark, which writes it, has a filesystem
+    for its scheme: a job fails here, before training or extracting, not at the write."""
+    if not conf.output:
+        raise ConfigError("-output is not set")
+    uri = storage.absolute(conf.output)
+    jvm = spark.sparkContext._jvm
+    scheme = jvm.org.apache.hadoop.fs.Path(uri).toUri().getScheme() or "file"
+    try:
+        jvm.org.apache.hadoop.fs.FileSystem.getFileSystemClass(
+            scheme, spark.sparkContext._jsc.hadoopConfiguration()
+        )
+    except Exception:  # noqa: BLE001 - py4j wraps Hadoop's UnsupportedFileSystemException
+        raise ConfigError(
+            f"-output {storage.shown(uri)}: Spark writes the features and has no filesystem for "
+            f"'{scheme}://' (on S3 use s3a:// with hadoop-aws on Spark's classpath; -model, "
+            "-snapshot and -weights take s3:// through pyarrow)"
+        ) from None
+    return uri
 
 
 def validation_frame(spark, rows):

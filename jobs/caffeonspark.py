@@ -20,6 +20,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource  # noqa: E402
+from caffeonspark.api import check_output  # noqa: E402
 from caffeonspark.launch import LaunchError  # noqa: E402
 from caffeonspark.sources import SourceError  # noqa: E402
 
@@ -48,6 +49,8 @@ def ship_packages(spark):
 
 def run(conf, spark):
     cos = CaffeOnSpark(spark)
+    if conf.features and conf.output:
+        check_output(spark, conf)  # before hours of training, not after
     if conf.train:
         summary = cos.train(DataSource.get(conf, is_train=True))
         print(

@@ -376,17 +376,34 @@ def test_write_features_parquet(spark, data, trained):
     assert rows == spark.read.parquet(uri).count() == 103
 
 
-def test_the_job_runs_the_net_once_to_write_features(spark, data, trained, tmp_path, monkeypatch):
-    """-features with -output: written and counted without running the net a second time."""
+def load_job():
+    """jobs/caffeonspark.py as a module (its name is the package's)."""
     import importlib.util
-
-    from pyspark import cloudpickle
-
-    import caffeonspark.api as api
 
     spec = importlib.util.spec_from_file_location("cos_job", REPO / "jobs" / "caffeonspark.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    return job
+
+
+def test_output_without_a_filesystem_fails_before_training(spark, data, tmp_path):
+    solver = write_solver(tmp_path, data["train"], data["test"], 16)
+    model = tmp_path / "lenet.caffemodel"
+    conf = Config(
+        spark, conf=solver, model=str(model), train=True, features="ip2", output="nosuch://b/f"
+    )
+    with pytest.raises(ConfigError, match=r"-output nosuch://b/f: .*no filesystem for 'nosuch://'"):
+        load_job().run(conf, spark)
+    assert not model.exists() and not list(tmp_path.glob("lenet_iter_*"))
+
+
+def test_the_job_runs_the_net_once_to_write_features(spark, data, trained, tmp_path, monkeypatch):
+    """-features with -output: written and counted without running the net a second time."""
+    from pyspark import cloudpickle
+
+    import caffeonspark.api as api
+
+    job = load_job()
     runs = tmp_path / "partitions_run"
     real = api._inference_task
 
