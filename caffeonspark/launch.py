@@ -203,6 +203,8 @@ class Monitor:
         self.at_barrier = None
         self.messages = []
         self.failure = None
+        self.attempt = 1
+        self.attempt_failed = False
         self._last = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -228,7 +230,18 @@ class Monitor:
             self._last = time.monotonic()
             self.messages.append(m)
             kind = m.get("kind")
-            if kind == "barrier":
+            retrying = kind == "barrier" and self.attempt_failed
+            if retrying:
+                self.attempt += 1
+                self.attempt_failed = False
+            first_failure = kind == "failed" and not self.attempt_failed
+            if kind == "failed":
+                # Spark retries the stage: its ranks start, meet and join again.
+                self.attempt_failed = True
+                self.joined.clear()
+                self.waiting.clear()
+                self.at_barrier = None
+            elif kind == "barrier":
                 self.waiting.add(m.get("rank"))
                 if len(self.waiting) == self.ranks and self.at_barrier is None:
                     self.at_barrier = time.monotonic()  # every rank has spilled its data
@@ -236,8 +249,25 @@ class Monitor:
                 self.joined.add(m.get("rank"))
             elif kind == "progress" and self.first_iteration_at is None:
                 self.first_iteration_at = time.monotonic()
+        if retrying:
+            log.warning("retrying the %s stage: attempt %d", self.label, self.attempt)
         if kind == "progress":
             log.info("%s", format_progress(m))
+        elif kind == "failed":
+            log.error("rank %s failed: %s", m.get("rank"), m.get("message"))
+            if first_failure:
+                attempts = self.sc.getConf().get("spark.stage.maxConsecutiveAttempts", "4")
+                log.warning(
+                    "the %s stage failed (attempt %d); Spark retries it while attempts are "
+                    "left (spark.stage.maxConsecutiveAttempts = %s), resuming from the run's "
+                    "newest snapshot",
+                    self.label,
+                    self.attempt,
+                    attempts,
+                )
+        elif kind == "resumed":
+            how = "stage retry: resuming" if m.get("retry") else "resuming"
+            log.info("%s from %s at iteration %d", how, m["path"], m["iter"])
         elif kind == "validation":
             values = ", ".join(f"{k} = {_fmt(v)}" for k, v in m["outputs"].items())
             log.info("Iteration %d, validation: %s", m["iteration"], values)
@@ -301,11 +331,16 @@ def format_progress(m):
 
 def run_stage(spark, rdd, task, monitor):
     """Run the barrier stage `rdd.barrier().mapPartitions(task)` under the monitor's job group;
-    returns the collected results or raises LaunchError with the cause."""
+    returns the collected results or raises LaunchError with the cause.
+
+    The results go through a shuffle (`repartition(1)`) so that the barrier stage is a
+    shuffle-map stage: Spark retries a failed one (up to spark.stage.maxConsecutiveAttempts),
+    and the retry resumes from the run's newest snapshot. A failed barrier *result* stage is
+    never retried ("Could not recover from a failed barrier ResultStage")."""
     sc = spark.sparkContext
     sc.setJobGroup(monitor.group, f"CaffeOnSpark {monitor.label}", interruptOnCancel=True)
     try:
-        return rdd.barrier().mapPartitions(task).collect()
+        return rdd.barrier().mapPartitions(task).repartition(1).collect()
     except Exception as e:  # noqa: BLE001 - Py4JJavaError / PythonException from Spark
         if monitor.failure:
             raise LaunchError(monitor.failure) from None
@@ -522,12 +557,15 @@ def make_barrier_task(job, localizers, timeouts, monitor_address, connection, th
                 else:
                     report(m)
             yield json.dumps(result)
-        except LaunchError:
-            raise
         except Exception as e:  # noqa: BLE001 - anything else: name the rank and host
-            if worker is not None:
-                raise worker.error(f"{type(e).__name__}: {e}") from None
-            raise LaunchError(f"rank {rank} on {host}: {type(e).__name__}: {e}") from None
+            if isinstance(e, LaunchError):
+                error = e
+            elif worker is not None:
+                error = worker.error(f"{type(e).__name__}: {e}")
+            else:
+                error = LaunchError(f"rank {rank} on {host}: {type(e).__name__}: {e}")
+            report({"kind": "failed", "message": str(error).splitlines()[0]})
+            raise error from None
         finally:
             if worker is not None:
                 worker.stop()

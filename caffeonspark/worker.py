@@ -221,6 +221,9 @@ class Worker:
         if state:
             restore(solver, state, os.path.join(self.workdir, "resume"))
             log.info("resumed from %s at iteration %d", storage.shown(state), solver.iter)
+            self.send(
+                "resumed", path=storage.shown(state), iter=int(solver.iter), retry=bool(retry)
+            )
         elif job.get("weights"):
             for uri in job["weights"].split(","):
                 local = storage.fetch(uri, self.workdir)

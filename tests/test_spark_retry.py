@@ -1,0 +1,106 @@
+"""Fault tolerance on a real local Spark cluster: a training worker killed mid-run fails the
+barrier stage, Spark retries it, and the retry resumes from the run's newest snapshot, ending
+where an uninterrupted run ends."""
+
+import os
+import re
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from test_spark_cluster import digits, model_weights, write_lmdb, write_solver
+
+from caffeonspark import CaffeOnSpark, Config, DataSource
+
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.xdist_group("spark")]
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from pyspark.sql import SparkSession
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    session = (
+        SparkSession.builder.master("local-cluster[2,1,1024]")
+        .appName("caffeonspark-retry-tests")
+        .config("spark.executorEnv.PYTHONPATH", os.path.dirname(os.path.dirname(__file__)))
+        .config("spark.executorEnv.OMP_NUM_THREADS", "1")
+        .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.stage.maxConsecutiveAttempts", "2")  # as conf/spark-defaults.conf
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def worker_pids(rank):
+    """Engine workers of `rank` on this machine (their command line names job-<rank>.json)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"caffeonspark.worker" in args and any(
+            a.endswith(f"job-{rank}.json".encode()) for a in args
+        ):
+            pids.append(int(entry))
+    return pids
+
+
+def kill_when(path, rank, killed, stop):
+    """SIGKILL rank's worker (a host lost mid-run) once `path` exists."""
+    while not stop.is_set():
+        if path.exists():
+            pids = worker_pids(rank)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            killed.extend(pids)
+            return
+        time.sleep(0.005)
+
+
+def test_killed_worker_stage_retry_resumes_from_the_newest_snapshot(spark, tmp_path, caplog):
+    images, labels = digits(160)  # two shards of 80 = 5 batches of 16: snapshots at 0 mod 5
+    train = write_lmdb(tmp_path / "train_lmdb", images, labels)
+    test = write_lmdb(tmp_path / "test_lmdb", *digits(20, "test"))
+    runs = {}
+    for name in ("whole", "killed"):
+        folder = tmp_path / name
+        folder.mkdir()
+        solver = write_solver(folder, train, test, 16, max_iter=300, snapshot=50, display=50)
+        conf = Config(spark, conf=solver, model=str(folder / "model" / "lenet.caffemodel"))
+        killed, stop = [], threading.Event()
+        if name == "killed":
+            snap = folder / "model" / "lenet_iter_100.solverstate"
+            threading.Thread(target=kill_when, args=(snap, 1, killed, stop), daemon=True).start()
+        try:
+            runs[name] = CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+        finally:
+            stop.set()
+        if name == "killed":
+            assert killed, "rank 1's worker was not found to kill"
+    whole, retried = runs["whole"], runs["killed"]
+    assert whole.iterations == whole.final_iter == 300
+    log = caplog.text  # what the driver showed about the failure and the retry
+    assert re.search(r"rank 1 failed: rank 1 on .*: worker exited \(status -9\)", log)
+    assert "the train stage failed (attempt 1); Spark retries it" in log
+    assert "retrying the train stage: attempt 2" in log
+    m = re.search(
+        r"stage retry: resuming from \S*lenet_iter_(\d+)\.solverstate at iteration (\d+)", log
+    )
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 100
+    assert retried.final_iter == 300 and retried.iterations == 300 - int(m.group(1))
+    ref = model_weights(whole.model)
+    for name, w in model_weights(retried.model).items():
+        np.testing.assert_allclose(w, ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
