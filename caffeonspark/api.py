@@ -67,6 +67,7 @@ class CaffeOnSpark:
 
     def __init__(self, spark):
         self.spark = spark
+        self.last_summary = None  # the TrainSummary of the latest train / trainWithValidation
         _ensure_log_handler()
 
     # --- training ------------------------------------------------------------------------------
@@ -121,6 +122,10 @@ class CaffeOnSpark:
             results = [json.loads(r) for r in launch.run_stage(self.spark, rdd, task, monitor)]
             first = monitor.first_iteration_at
         lead = min(results, key=lambda r: r["rank"])
+        # After a stage retry the last attempt reports from where it resumed; the monitor
+        # heard the earlier iterations' validation.
+        validation = dict(monitor.validation)
+        validation.update((row["iteration"], row) for row in lead["validation"])
         summary = TrainSummary(
             model=lead["model"],
             ranks=ranks,
@@ -135,7 +140,7 @@ class CaffeOnSpark:
             wait_s=float(np.mean([r["wait_s"] for r in results])),
             startup_s=(first - started) if first is not None else float("nan"),
             snapshots=lead["snapshots"],
-            validation=lead["validation"],
+            validation=[validation[i] for i in sorted(validation)],
             losses=lead["losses"],
         )
         log.info(
@@ -152,6 +157,7 @@ class CaffeOnSpark:
             summary.startup_s,
             storage.shown(summary.model),
         )
+        self.last_summary = summary
         return summary
 
     @staticmethod

@@ -205,6 +205,7 @@ class Monitor:
         self.failure = None
         self.attempt = 1
         self.attempt_failed = False
+        self.validation = {}  # iteration -> row, over every attempt of the stage
         self._last = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -247,6 +248,8 @@ class Monitor:
                     self.at_barrier = time.monotonic()  # every rank has spilled its data
             elif kind == "joined":
                 self.joined.add(m.get("rank"))
+            elif kind == "validation":
+                self.validation[m["iteration"]] = {k: m[k] for k in ("iteration", "outputs")}
             elif kind == "progress" and self.first_iteration_at is None:
                 self.first_iteration_at = time.monotonic()
         if retrying:

@@ -78,19 +78,39 @@ def test_killed_worker_stage_retry_resumes_from_the_newest_snapshot(spark, tmp_p
     for name in ("whole", "killed"):
         folder = tmp_path / name
         folder.mkdir()
-        solver = write_solver(folder, train, test, 16, max_iter=300, snapshot=50, display=50)
+        solver = write_solver(
+            folder,
+            train,
+            test,
+            16,
+            max_iter=300,
+            snapshot=50,
+            display=50,
+            test_interval=50,
+            test_iter=1,
+        )
         conf = Config(spark, conf=solver, model=str(folder / "model" / "lenet.caffemodel"))
         killed, stop = [], threading.Event()
         if name == "killed":
             snap = folder / "model" / "lenet_iter_100.solverstate"
             threading.Thread(target=kill_when, args=(snap, 1, killed, stop), daemon=True).start()
+        cos = CaffeOnSpark(spark)
         try:
-            runs[name] = CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+            frame = cos.trainWithValidation(
+                DataSource.get(conf, is_train=True), DataSource.get(conf, is_train=False)
+            )
+            runs[name] = (cos.last_summary, frame.orderBy("iteration").collect())
         finally:
             stop.set()
         if name == "killed":
             assert killed, "rank 1's worker was not found to kill"
-    whole, retried = runs["whole"], runs["killed"]
+    (whole, whole_rows), (retried, retried_rows) = runs["whole"], runs["killed"]
+    # Validation rows of both attempts, as many as an uninterrupted run gives.
+    assert [r.iteration for r in retried_rows] == [r.iteration for r in whole_rows]
+    assert [r.iteration for r in whole_rows] == list(range(0, 301, 50))
+    for a, b in zip(retried_rows, whole_rows):
+        assert a.accuracy == pytest.approx(b.accuracy, abs=1e-6)
+        assert a.loss == pytest.approx(b.loss, rel=1e-4, abs=1e-6)
     assert whole.iterations == whole.final_iter == 300
     log = caplog.text  # what the driver showed about the failure and the retry
     assert re.search(r"rank 1 failed: rank 1 on .*: worker exited \(status -9\)", log)
