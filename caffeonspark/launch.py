@@ -146,6 +146,14 @@ def wait_for_executors(sc, timeout):
 def cluster_size(sc, conf):
     """The number of executors to train on: -clusterSize, or every executor the cluster
     has; fails fast when the cluster cannot run that many tasks at once."""
+    master = _master(sc)
+    dynamic = sc.getConf().get("spark.dynamicAllocation.enabled", "false").lower() == "true"
+    if dynamic and not (master == "local" or master.startswith("local[")):
+        raise LaunchError(
+            "training runs as a Spark barrier stage, which does not work with dynamic "
+            "allocation (spark.dynamicAllocation.enabled=true here): submit with "
+            "--conf spark.dynamicAllocation.enabled=false and a fixed --num-executors"
+        )
     have = wait_for_executors(sc, conf.executorWaitTimeout)
     size = conf.clusterSize or have
     if size < 1:

@@ -397,11 +397,12 @@ def test_spark_failure_message_is_the_tasks_own():
 
 
 class _FakeSparkContext:
-    def __init__(self):
+    def __init__(self, **conf):
         self.cancelled = []
+        self.conf = {"spark.driver.host": "127.0.0.1", **conf}
 
     def getConf(self):
-        return {"spark.driver.host": "127.0.0.1"}
+        return self.conf
 
     def cancelJobGroup(self, group):
         self.cancelled.append(group)
@@ -439,3 +440,55 @@ def test_monitor_cancels_a_silent_stage():
         while not sc.cancelled and time.monotonic() < deadline:
             time.sleep(0.05)
     assert "no progress from the train stage" in monitor.failure
+
+
+def test_monitor_follows_a_stage_retry(caplog):
+    """After a rank fails, Spark retries the stage: the monitor counts the attempt and does not
+    hold the retry to the failed attempt's rendezvous clock."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="caffeonspark")
+    sc = _FakeSparkContext(**{"spark.stage.maxConsecutiveAttempts": "3"})
+    with launch.Monitor(sc, ranks=2, rendezvous_timeout=0.2, idle_timeout=100) as monitor:
+        with socket.create_connection(monitor.address) as s:
+
+            def send(*messages):
+                for m in messages:
+                    s.sendall((json.dumps(m) + "\n").encode())
+
+            send({"kind": "barrier", "rank": 0}, {"kind": "barrier", "rank": 1})
+            send({"kind": "joined", "rank": 0}, {"kind": "joined", "rank": 1})
+            send({"kind": "failed", "rank": 1, "message": "rank 1 on h: worker exited (status -9)"})
+            send({"kind": "failed", "rank": 0, "message": "rank 0 on h: MPI error"})
+            send({"kind": "barrier", "rank": 0})  # attempt 2: rank 1 is slow to come back
+            time.sleep(1.2)  # a watchdog tick past the first attempt's rendezvous deadline
+            send({"kind": "barrier", "rank": 1})
+            send({"kind": "joined", "rank": 0}, {"kind": "joined", "rank": 1})
+            send(
+                {
+                    "kind": "resumed",
+                    "rank": 0,
+                    "path": "/m/x_iter_5.solverstate",
+                    "iter": 5,
+                    "retry": True,
+                }
+            )
+            send({"kind": "validation", "rank": 0, "iteration": 0, "outputs": {"accuracy": 0.5}})
+            time.sleep(0.3)
+        assert monitor.attempt == 2 and not sc.cancelled
+        assert monitor.validation == {0: {"iteration": 0, "outputs": {"accuracy": 0.5}}}
+    log = caplog.text
+    assert "rank 1 failed: rank 1 on h: worker exited (status -9)" in log
+    assert log.count("the train stage failed (attempt 1)") == 1  # once, for the first failure
+    assert "maxConsecutiveAttempts = 3" in log
+    assert "retrying the train stage: attempt 2" in log
+    assert "stage retry: resuming from /m/x_iter_5.solverstate at iteration 5" in log
+
+
+@pytest.mark.parametrize("master", ["yarn", "spark://h:7077", "local-cluster[2,1,1024]"])
+def test_dynamic_allocation_is_refused_before_anything_starts(master):
+    from caffeonspark import Config
+
+    sc = _FakeSparkContext(**{"spark.master": master, "spark.dynamicAllocation.enabled": "true"})
+    with pytest.raises(launch.LaunchError, match="spark.dynamicAllocation.enabled=false"):
+        launch.cluster_size(sc, Config())
