@@ -68,6 +68,7 @@ class CaffeOnSpark:
     def __init__(self, spark):
         self.spark = spark
         self.last_summary = None  # the TrainSummary of the latest train / trainWithValidation
+        self._progress = None  # a launch.ProgressBoard, started by the first test / features
         _ensure_log_handler()
 
     # --- training ------------------------------------------------------------------------------
@@ -238,6 +239,10 @@ class CaffeOnSpark:
         layer = conf.data_layer(TEST).name  # the TEST net's data layer reads the source
         net = rewrite_net(conf.net_param(TEST), layer, TEST)
         model = sc.broadcast(storage.read_bytes(conf.model_uri, "model"))
+        if self._progress is None:
+            self._progress = launch.ProgressBoard(sc)
+        num = rdd.getNumPartitions()
+        pass_id = self._progress.add(f"{mode} of {source.name}", num)
         task = _inference_task(
             net.SerializeToString(),
             layer,
@@ -245,7 +250,8 @@ class CaffeOnSpark:
             mode,
             what,
             localizer,
-            rdd.getNumPartitions(),
+            num,
+            (self._progress.address, pass_id),
         )
         return rdd.mapPartitionsWithIndex(task)
 
@@ -362,30 +368,38 @@ def _key_text(key):
     return str(key)
 
 
-def _inference_task(net_bytes, layer, model, mode, what, localizer, num):
-    """mapPartitionsWithIndex function: the engine over one partition's records."""
+def _inference_task(net_bytes, layer, model, mode, what, localizer, num, progress_to=None):
+    """mapPartitionsWithIndex function: the engine over one partition's records, reporting
+    how far it is to the driver's ProgressBoard at `progress_to` (address, pass id)."""
 
     def task(index, items):
         workdir = tempfile.mkdtemp(prefix=f"caffeonspark-{mode}{index}-")
+        address, pass_id = progress_to or (None, None)
+        progress = launch.record_reporter(address, pass_id, index)
+        progress(0)
         try:
             spec = localizer(items, workdir, index, num)
             source = open_spec(spec)
             try:
-                if len(source) == 0:
-                    return
-                yield from run_inference(net_bytes, layer, model.value, source, mode, what)
+                if len(source):
+                    yield from run_inference(
+                        net_bytes, layer, model.value, source, mode, what, progress
+                    )
+                progress(len(source), final=True)
             finally:
                 source.close()
         finally:
+            progress(None)
             shutil.rmtree(workdir, ignore_errors=True)
 
     return task
 
 
-def run_inference(net_bytes, layer, model_bytes, source, mode, what):
+def run_inference(net_bytes, layer, model_bytes, source, mode, what, progress=None):
     """Forward every record of `source` once through the TEST net: full batches, then one
     net of the remainder's size for the last partial batch. Yields feature rows (mode
-    'features') or (output, sums, rows) per output blob (mode 'test')."""
+    'features') or (output, sums, rows) per output blob (mode 'test'); calls progress(records
+    run so far) after each batch."""
     from engine.layers.data_layers import set_source_factory
     from engine.net import Net
     from engine.proto import caffe_pb2
@@ -403,6 +417,7 @@ def run_inference(net_bytes, layer, model_bytes, source, mode, what):
         full, rem = divmod(total, batch)
         plan = [(batch, full), (rem, 1 if rem else 0)]
         shared = None
+        done = 0
         for size, times in plan:
             if not times:
                 continue
@@ -420,6 +435,9 @@ def run_inference(net_bytes, layer, model_bytes, source, mode, what):
                     yield from _feature_rows(net, keys, *what)
                 else:
                     _accumulate(net, size, sums, counts, order)
+                done += size
+                if progress is not None:
+                    progress(done)
     finally:
         set_source_factory(previous)
     if mode == "test":

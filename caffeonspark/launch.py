@@ -192,6 +192,15 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
+def _listen(sc, monitor):
+    """A TCP server on the driver whose messages go to monitor.receive, and its address as
+    the executors reach it."""
+    server = _Server(("0.0.0.0", 0), _Handler)
+    server.monitor = monitor
+    host = sc.getConf().get("spark.driver.host", None) or socket.gethostname()
+    return server, (host, server.server_address[1])
+
+
 class Monitor:
     """The driver's view of a running stage: a TCP server the tasks and workers report to,
     progress printed as it arrives, and a watchdog that cancels the stage (through its job
@@ -217,10 +226,7 @@ class Monitor:
         self._last = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._server = _Server(("0.0.0.0", 0), _Handler)
-        self._server.monitor = self
-        host = sc.getConf().get("spark.driver.host", None) or socket.gethostname()
-        self.address = (host, self._server.server_address[1])
+        self._server, self.address = _listen(sc, self)
 
     def __enter__(self):
         threading.Thread(
@@ -314,6 +320,102 @@ class Monitor:
                 log.error("cancelling the %s stage: %s", self.label, reason)
                 self.sc.cancelJobGroup(self.group)
                 return
+
+
+PROGRESS_EVERY_S = 10.0  # a driver line per pass at most this often (and one at the end)
+TASK_REPORT_EVERY_S = 2.0  # a task reports its record count at most this often
+
+
+class ProgressBoard:
+    """The driver's view of test / features passes: each partition reports how many records it
+    has run; a line every PROGRESS_EVERY_S and one when every partition has finished. Lives as
+    long as its CaffeOnSpark: a features DataFrame is lazy and may run (or run again) long
+    after features() returned."""
+
+    def __init__(self, sc):
+        self.passes = {}
+        self._lock = threading.Lock()
+        self._server, self.address = _listen(sc, self)
+        threading.Thread(
+            target=self._server.serve_forever, name="caffeonspark progress", daemon=True
+        ).start()
+
+    def add(self, label, partitions):
+        """Register a pass; returns its id for the tasks' reports."""
+        pass_id = uuid.uuid4().hex[:12]
+        self.passes[pass_id] = _PassProgress(label, partitions)
+        return pass_id
+
+    def receive(self, m):
+        progress = self.passes.get(m.get("pass"))
+        if m.get("kind") == "records" and progress is not None:
+            with self._lock:
+                progress.update(m.get("rank"), m["done"], m.get("final", False))
+
+    def close(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _PassProgress:
+    def __init__(self, label, partitions):
+        self.label = label
+        self.partitions = partitions
+        self._reset()
+
+    def _reset(self):
+        self.done = {}  # partition -> records run (a retried task starts its count again)
+        self.finished = set()
+        self.started = None
+        self.last_line = None
+
+    def update(self, partition, done, final):
+        now = time.monotonic()
+        if self.started is None:
+            self.started = self.last_line = now
+        self.done[partition] = done
+        if final:
+            self.finished.add(partition)
+        records = sum(self.done.values())
+        rate = records / max(now - self.started, 1e-9)
+        if len(self.finished) == self.partitions:
+            log.info(
+                "%s: %d records in %.1f s, %.0f records/s",
+                self.label,
+                records,
+                now - self.started,
+                rate,
+            )
+            self._reset()  # the same lazy DataFrame may be evaluated again
+        elif now - self.last_line >= PROGRESS_EVERY_S:
+            self.last_line = now
+            log.info(
+                "%s: %d records, %.0f records/s, %d of %d partitions finished",
+                self.label,
+                records,
+                rate,
+                len(self.finished),
+                self.partitions,
+            )
+
+
+def record_reporter(address, pass_id, partition):
+    """progress(done, final=False) for a task of a pass: reports the first call (the task's
+    start, for the driver's records/s), then at most every TASK_REPORT_EVERY_S, and always
+    the final count; progress(None) closes."""
+    send = _reporter(address, partition)
+    last = [None]
+
+    def progress(done, final=False):
+        if done is None:
+            send(None)
+            return
+        now = time.monotonic()
+        if final or last[0] is None or now - last[0] >= TASK_REPORT_EVERY_S:
+            last[0] = now
+            send({"kind": "records", "pass": pass_id, "done": int(done), "final": final})
+
+    return progress
 
 
 def _fmt(v):

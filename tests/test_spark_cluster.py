@@ -5,6 +5,7 @@ validation, test, features (partial last batch), DataFrame and image sources, fa
 
 import io
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -298,7 +299,7 @@ def test_lmdb_model_and_snapshots_on_s3(spark, data):
         assert "lenet.caffemodel" in s3.names("resumed")
 
 
-def test_features_one_row_per_record(spark, data, trained):
+def test_features_one_row_per_record(spark, data, trained, caplog):
     model = trained["summary"].model
     conf = Config(
         spark, conf=trained["conf"].conf, model=model, features="ip2,ip1", lmdb_partitions=2
@@ -317,6 +318,8 @@ def test_features_one_row_per_record(spark, data, trained):
         assert len(row.ip1) == 500
         np.testing.assert_allclose(row.ip2, ref["ip2"][i], rtol=1e-4, atol=1e-4)
         assert row.label == ref["label"][i]
+    # The driver heard every partition finish: one line with the whole count.
+    assert re.search(r"features of layer 'mnist' \(Data, TEST\): 103 records in", caplog.text)
 
 
 def test_features_of_the_training_records(spark, data, trained):

@@ -492,3 +492,54 @@ def test_dynamic_allocation_is_refused_before_anything_starts(master):
     sc = _FakeSparkContext(**{"spark.master": master, "spark.dynamicAllocation.enabled": "true"})
     with pytest.raises(launch.LaunchError, match="spark.dynamicAllocation.enabled=false"):
         launch.cluster_size(sc, Config())
+
+
+def test_progress_board_lines_for_test_and_features_passes(caplog, monkeypatch):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="caffeonspark")
+    monkeypatch.setattr(launch, "PROGRESS_EVERY_S", 0.0)  # a line for every report
+    board = launch.ProgressBoard(_FakeSparkContext())
+    try:
+        pid = board.add("features of layer 'd'", partitions=2)
+        other = board.add("test of layer 'd'", partitions=1)
+        for m in (
+            {"kind": "records", "pass": pid, "rank": 0, "done": 0},  # the tasks start
+            {"kind": "records", "pass": pid, "rank": 1, "done": 0},
+            {"kind": "records", "pass": pid, "rank": 0, "done": 20},
+            {"kind": "records", "pass": pid, "rank": 1, "done": 30},
+            {"kind": "records", "pass": pid, "rank": 1, "done": 10},  # a retried task
+            {"kind": "records", "pass": pid, "rank": 0, "done": 52, "final": True},
+            {"kind": "records", "pass": "unknown", "rank": 0, "done": 99, "final": True},
+            {"kind": "records", "pass": other, "rank": 0, "done": 7, "final": True},
+        ):
+            board.receive(m)
+        assert "features of layer 'd': 50 records" in caplog.text
+        assert "features of layer 'd': 30 records" in caplog.text  # rank 1 starts again
+        assert "features of layer 'd': 62 records, " in caplog.text
+        assert "1 of 2 partitions finished" in caplog.text
+        assert "test of layer 'd': 7 records in" in caplog.text
+        assert "99" not in caplog.text
+        board.receive({"kind": "records", "pass": pid, "rank": 1, "done": 51, "final": True})
+        assert "features of layer 'd': 103 records in" in caplog.text
+        # Evaluated again (a lazy DataFrame): counted afresh.
+        board.receive({"kind": "records", "pass": pid, "rank": 0, "done": 5})
+        assert "features of layer 'd': 5 records, " in caplog.text
+    finally:
+        board.close()
+
+
+def test_record_reporter_throttles_but_always_sends_the_final_count(monkeypatch):
+    got = []
+    monkeypatch.setattr(launch, "_reporter", lambda address, rank: got.append)
+    progress = launch.record_reporter(("h", 1), "p1", 3)
+    progress(0)  # the start: sent
+    for done in range(10, 100, 10):
+        progress(done)  # within TASK_REPORT_EVERY_S of the start: not sent
+    progress(95, final=True)
+    progress(None)
+    assert got == [
+        {"kind": "records", "pass": "p1", "done": 0, "final": False},
+        {"kind": "records", "pass": "p1", "done": 95, "final": True},
+        None,
+    ]
