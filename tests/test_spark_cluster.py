@@ -84,26 +84,35 @@ def model_weights(path):
     }
 
 
-@pytest.fixture(scope="module")
-def spark():
+def start_spark(app, **conf):
+    """A local-cluster[2,1,1024] session: two executor JVMs of one core, as CI has."""
     from pyspark.sql import SparkSession
 
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
-    session = (
+    builder = (
         SparkSession.builder.master("local-cluster[2,1,1024]")
-        .appName("caffeonspark-tests")
+        .appName(app)
         .config("spark.executorEnv.PYTHONPATH", str(REPO))
         .config("spark.executorEnv.OMP_NUM_THREADS", "1")
         .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "4")
-        .config("spark.stage.maxConsecutiveAttempts", "1")
-        .config("spark.task.maxFailures", "1")
-        .getOrCreate()
     )
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
+    return session
+
+
+@pytest.fixture(scope="module")
+def spark():
+    session = start_spark(
+        "caffeonspark-tests",
+        **{"spark.stage.maxConsecutiveAttempts": "1", "spark.task.maxFailures": "1"},
+    )
     yield session
     session.stop()
 

@@ -1,17 +1,18 @@
 """Fault tolerance on a real local Spark cluster: a training worker killed mid-run fails the
-barrier stage, Spark retries it, and the retry resumes from the run's newest snapshot, ending
-where an uninterrupted run ends."""
+barrier stage, Spark retries it, and the retry resumes from the run's newest snapshot. The
+snapshots fall on the shards' epoch boundaries, so the retry sees the data an uninterrupted run
+sees and must end with its weights."""
 
+import json
 import os
 import re
 import signal
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
-from test_spark_cluster import digits, model_weights, write_lmdb, write_solver
+from test_spark_cluster import digits, model_weights, start_spark, write_lmdb, write_solver
 
 from caffeonspark import CaffeOnSpark, Config, DataSource
 
@@ -20,28 +21,15 @@ pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.xdist_group("spar
 
 @pytest.fixture(scope="module")
 def spark():
-    from pyspark.sql import SparkSession
-
-    os.environ["PYSPARK_PYTHON"] = sys.executable
-    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
-    session = (
-        SparkSession.builder.master("local-cluster[2,1,1024]")
-        .appName("caffeonspark-retry-tests")
-        .config("spark.executorEnv.PYTHONPATH", os.path.dirname(os.path.dirname(__file__)))
-        .config("spark.executorEnv.OMP_NUM_THREADS", "1")
-        .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.stage.maxConsecutiveAttempts", "2")  # as conf/spark-defaults.conf
-        .getOrCreate()
-    )
-    session.sparkContext.setLogLevel("ERROR")
+    # Retries allowed, as conf/spark-defaults.conf has them.
+    session = start_spark("caffeonspark-retry-tests", **{"spark.stage.maxConsecutiveAttempts": "2"})
     yield session
     session.stop()
 
 
-def worker_pids(rank):
-    """Engine workers of `rank` on this machine (their command line names job-<rank>.json)."""
+def worker_pids(rank, folder):
+    """Engine workers of `rank` of a run writing under `folder` (their command line names
+    job-<rank>.json, whose model is the run's)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -51,9 +39,15 @@ def worker_pids(rank):
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if b"caffeonspark.worker" in args and any(
-            a.endswith(f"job-{rank}.json".encode()) for a in args
-        ):
+        specs = [a.decode() for a in args if a.endswith(f"job-{rank}.json".encode())]
+        if b"caffeonspark.worker" not in args or not specs:
+            continue
+        try:
+            with open(specs[0], encoding="utf-8") as f:
+                model = json.load(f)["model"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if model.startswith(str(folder)):
             pids.append(int(entry))
     return pids
 
@@ -62,7 +56,7 @@ def kill_when(path, rank, killed, stop):
     """SIGKILL rank's worker (a host lost mid-run) once `path` exists."""
     while not stop.is_set():
         if path.exists():
-            pids = worker_pids(rank)
+            pids = worker_pids(rank, path.parent.parent)
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             killed.extend(pids)
