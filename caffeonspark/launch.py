@@ -222,7 +222,6 @@ class Monitor:
         self.failure = None
         self.attempt = 1
         self.attempt_failed = False
-        self.validation = {}  # iteration -> row, over every attempt of the stage
         self._last = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -262,8 +261,6 @@ class Monitor:
                     self.at_barrier = time.monotonic()  # every rank has spilled its data
             elif kind == "joined":
                 self.joined.add(m.get("rank"))
-            elif kind == "validation":
-                self.validation[m["iteration"]] = {k: m[k] for k in ("iteration", "outputs")}
             elif kind == "progress" and self.first_iteration_at is None:
                 self.first_iteration_at = time.monotonic()
         if retrying:
@@ -294,6 +291,15 @@ class Monitor:
             log.info("All %d ranks joined the MPI communicator", self.ranks)
         elif kind == "warning":
             log.warning("rank %s: %s", m.get("rank"), m.get("message"))
+
+    @property
+    def validation(self):
+        """iteration -> validation row, over every attempt of the stage (the latest wins)."""
+        with self._lock:
+            rows = [m for m in self.messages if m.get("kind") == "validation"]
+        return {
+            m["iteration"]: {"iteration": m["iteration"], "outputs": m["outputs"]} for m in rows
+        }
 
     def _watch(self):
         while not self._stop.wait(1.0):
