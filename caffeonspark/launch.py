@@ -31,7 +31,11 @@ _LOG_TAIL_LINES = 40
 
 
 class LaunchError(RuntimeError):
-    """Distributed training could not start or a rank failed (names rank, host and cause)."""
+    """Distributed training could not start or a rank failed (names rank, host and cause).
+    `fatal`: the job's own error (e.g. a bad prototxt or weights file), which a stage retry
+    would only repeat."""
+
+    fatal = False
 
 
 # --- a JSON-lines channel over a socket (task <-> worker, anyone -> driver) --------------------
@@ -249,6 +253,9 @@ class Monitor:
                 self.attempt += 1
                 self.attempt_failed = False
             first_failure = kind == "failed" and not self.attempt_failed
+            fatal = kind == "failed" and m.get("fatal") and self.failure is None
+            if fatal:
+                self.failure = m.get("message")
             if kind == "failed":
                 # Spark retries the stage: its ranks start, meet and join again.
                 self.attempt_failed = True
@@ -268,8 +275,14 @@ class Monitor:
         if kind == "progress":
             log.info("%s", format_progress(m))
         elif kind == "failed":
-            log.error("rank %s failed: %s", m.get("rank"), m.get("message"))
-            if first_failure:
+            log.error("rank %s failed: %s", m.get("rank"), str(m.get("message")).splitlines()[0])
+            if fatal:
+                log.error(
+                    "cancelling the %s stage: the job's own error, a retry would repeat it",
+                    self.label,
+                )
+                self.sc.cancelJobGroup(self.group)
+            elif first_failure and self.failure is None:
                 attempts = self.sc.getConf().get("spark.stage.maxConsecutiveAttempts", "4")
                 log.warning(
                     "the %s stage failed (attempt %d); Spark retries it while attempts are "
@@ -588,7 +601,9 @@ class WorkerProcess:
             self.proc.wait(timeout=10)
             raise self.error(f"worker exited (status {self.proc.returncode}) while {waiting_for}")
         if m.get("kind") == "error":
-            raise self.error(m["message"], tail=False)
+            error = self.error(m["message"], tail=False)
+            error.fatal = bool(m.get("fatal"))
+            raise error
         return m
 
     def error(self, message, tail=True):
@@ -683,7 +698,9 @@ def make_barrier_task(job, localizers, timeouts, monitor_address, connection, th
                 error = worker.error(f"{type(e).__name__}: {e}")
             else:
                 error = LaunchError(f"rank {rank} on {host}: {type(e).__name__}: {e}")
-            report({"kind": "failed", "message": str(error).splitlines()[0]})
+            # A fatal error goes to the driver whole: it cancels the stage with it.
+            message = str(error) if error.fatal else str(error).splitlines()[0]
+            report({"kind": "failed", "message": message, "fatal": error.fatal})
             raise error from None
         finally:
             if worker is not None:

@@ -46,6 +46,9 @@ class Worker:
         self.local_rank, self.local_size = 0, 1
         self.validation_rows = []
         self.snapshots = []
+        # True while the solver is built from the job's own files (prototxt, sources, -weights,
+        # -snapshot): a failure then is the job's, and a stage retry would fail the same way.
+        self.setting_up = False
         self._last_beat = 0.0
 
     # --- the control channel -------------------------------------------------------------------
@@ -71,6 +74,7 @@ class Worker:
         self.send("hello", pid=os.getpid())
         comm = self.join(float(self.job["rendezvous_timeout"]))
         self.send("joined")
+        self.setting_up = True
         solver = self.build_solver()
         self.initial_state(solver, comm)
         summary = self.train(solver, comm)
@@ -191,6 +195,7 @@ class Worker:
 
         if self.rank == 0:
             self.load_start_point(solver)
+        self.setting_up = False  # from here on a failure may be the cluster's: Spark retries
         solver.iter, solver.current_step = comm.bcast_object(
             (solver.iter, solver.current_step) if self.rank == 0 else None
         )
@@ -490,7 +495,9 @@ def main(argv=None):
         log.error("worker failed:\n%s", detail)
         if worker.channel is not None:
             try:
-                worker.send("error", message=f"{type(e).__name__}: {e}\n{detail}")
+                worker.send(
+                    "error", message=f"{type(e).__name__}: {e}\n{detail}", fatal=worker.setting_up
+                )
             except OSError:
                 pass
         sys.stderr.flush()

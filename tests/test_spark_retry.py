@@ -118,3 +118,20 @@ def test_killed_worker_stage_retry_resumes_from_the_newest_snapshot(spark, tmp_p
     ref = model_weights(whole.model)
     for name, w in model_weights(retried.model).items():
         np.testing.assert_allclose(w, ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_the_jobs_own_error_is_not_retried(spark, tmp_path, caplog):
+    """A bad -weights file fails the same way every time: the stage is cancelled with the
+    worker's error instead of being retried."""
+    from caffeonspark import LaunchError
+
+    images, labels = digits(32)
+    train = write_lmdb(tmp_path / "train_lmdb", images, labels)
+    bad = tmp_path / "bad.caffemodel"
+    bad.write_bytes(b"not a model")
+    solver = write_solver(tmp_path, train, train, 16)
+    conf = Config(spark, conf=solver, model=str(tmp_path / "m.caffemodel"), weights=str(bad))
+    with pytest.raises(LaunchError, match=r"rank 0 on .*bad\.caffemodel"):
+        CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+    assert "cancelling the train stage: the job's own error" in caplog.text
+    assert "retrying the train stage" not in caplog.text
