@@ -145,10 +145,12 @@ class CaffeOnSpark:
             losses=lead["losses"],
         )
         log.info(
-            "trained %d iterations on %d rank(s): loss %.4g, %.0f images/s, all-reduce %.2f ms "
-            "per iteration (%.1f%% of a step) + %.2f ms waiting for the slowest rank, %.1f s to "
-            "the first iteration; model %s",
+            "trained %d iterations (%d to %d) on %d rank(s): loss %.4g, %.0f images/s, "
+            "all-reduce %.2f ms per iteration (%.1f%% of a step) + %.2f ms waiting for the "
+            "slowest rank, %.1f s to the first iteration; model %s",
             summary.iterations,
+            summary.final_iter - summary.iterations,
+            summary.final_iter,
             ranks,
             summary.loss,
             summary.images_per_s,
