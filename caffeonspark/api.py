@@ -27,6 +27,7 @@ from caffeonspark.sources import (
     open_spec,
     rewrite_net,
 )
+from caffeonspark.worker import metrics_file
 from engine.data.sources import RecordSource
 
 log = logging.getLogger("caffeonspark")
@@ -116,7 +117,7 @@ class CaffeOnSpark:
             storage.shown(conf.model_uri),
         )
         timeouts = (conf.rendezvousTimeout, conf.idleTimeout)
-        with launch.Monitor(sc, ranks, *timeouts) as monitor:
+        with launch.Monitor(sc, ranks, *timeouts, metrics=metrics_file(job)) as monitor:
             task = launch.make_barrier_task(
                 job, localizers, timeouts, monitor.address, conf.connection, threads
             )
@@ -160,6 +161,12 @@ class CaffeOnSpark:
             summary.startup_s,
             storage.shown(summary.model),
         )
+        # The metrics file ends with the run's figures (its losses and validation rows are
+        # already there, one record per event).
+        record = dataclasses.asdict(summary)
+        del record["losses"], record["validation"]
+        monitor.metrics.append(dict(record, kind="summary", time=round(time.time(), 3)))
+        monitor.write_metrics()
         self.last_summary = summary
         return summary
 

@@ -210,8 +210,13 @@ class Monitor:
     progress printed as it arrives, and a watchdog that cancels the stage (through its job
     group) when ranks do not join in time or nothing is reported for too long."""
 
-    def __init__(self, sc, ranks, rendezvous_timeout, idle_timeout, label="train"):
+    # What goes into the metrics file (JSON lines): one record per event, with time and attempt.
+    METRIC_KINDS = ("progress", "validation", "snapshot", "resumed", "failed")
+
+    def __init__(self, sc, ranks, rendezvous_timeout, idle_timeout, label="train", metrics=None):
         self.sc = sc
+        self.metrics_uri = metrics
+        self.metrics = []
         self.ranks = ranks
         self.rendezvous_timeout = rendezvous_timeout
         self.idle_timeout = idle_timeout
@@ -242,6 +247,21 @@ class Monitor:
         self._stop.set()
         self._server.shutdown()
         self._server.server_close()
+        self.write_metrics()
+
+    def write_metrics(self):
+        """(Re)write the metrics file, atomically like the snapshots: at every snapshot and
+        at the end, so that it also works where files cannot be appended to (HDFS, S3)."""
+        if not self.metrics_uri:
+            return
+        from caffeonspark import storage
+
+        with self._lock:
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics)
+        try:
+            storage.write_bytes(self.metrics_uri, text.encode("utf-8"))
+        except storage.StorageError as e:
+            log.warning("metrics file not written: %s", e)
 
     def receive(self, m):
         with self._lock:
@@ -270,6 +290,8 @@ class Monitor:
                 self.joined.add(m.get("rank"))
             elif kind == "progress" and self.first_iteration_at is None:
                 self.first_iteration_at = time.monotonic()
+            if kind in self.METRIC_KINDS:
+                self.metrics.append(dict(m, time=round(time.time(), 3), attempt=self.attempt))
         if retrying:
             log.warning("retrying the %s stage: attempt %d", self.label, self.attempt)
         if kind == "progress":
@@ -300,6 +322,7 @@ class Monitor:
             log.info("Iteration %d, validation: %s", m["iteration"], values)
         elif kind == "snapshot":
             log.info("Snapshot written: %s", m["path"])
+            self.write_metrics()
         elif kind == "joined" and len(self.joined) == self.ranks:
             log.info("All %d ranks joined the MPI communicator", self.ranks)
         elif kind == "warning":

@@ -415,6 +415,13 @@ def snapshot_record(job):
     return storage.join(job["snapshot_dir"], f"{job['snapshot_stem']}_snapshots.json")
 
 
+def metrics_file(job):
+    """`<stem>_metrics.jsonl` beside the model: the driver's record of the run's events."""
+    from caffeonspark import storage
+
+    return storage.join(job["snapshot_dir"], f"{job['snapshot_stem']}_metrics.jsonl")
+
+
 def retry_snapshot(job):
     """The newest snapshot written by this very run (same run_id), when Spark retries the
     stage after a failure; None on a first attempt."""

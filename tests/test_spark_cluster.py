@@ -4,6 +4,7 @@ validation, test, features (partial last batch), DataFrame and image sources, fa
 """
 
 import io
+import json
 import os
 import re
 import sys
@@ -159,6 +160,15 @@ def test_train_end_to_end(trained):
     assert s.images_per_s > 0 and s.startup_s < 60
     state = caffe_pb2.SolverState.FromString((folder / "lenet_iter_5.solverstate").read_bytes())
     assert state.iter == 5 and state.learned_net == "lenet_iter_5.caffemodel"
+    # The driver's metrics file (JSON lines): the events as they came, then the summary.
+    records = [json.loads(line) for line in (folder / "lenet_metrics.jsonl").open()]
+    assert all(r["time"] > 0 and r.get("attempt", 1) == 1 for r in records)
+    assert [r["iter"] for r in records if r["kind"] == "snapshot"] == [5, 10]
+    progress = [r for r in records if r["kind"] == "progress"]
+    assert progress[0]["iter"] == 0 and progress[-1]["iter"] == 9
+    assert all(r["loss"] > 0 and r["max_iter"] == 10 for r in progress)
+    assert records[-1]["kind"] == "summary"
+    assert (records[-1]["final_iter"], records[-1]["ranks"]) == (10, 2)
 
 
 def test_two_ranks_match_one_rank_with_double_batch(spark, data, trained):
@@ -292,6 +302,7 @@ def test_lmdb_model_and_snapshots_on_s3(spark, data):
             "lenet_iter_2.solverstate",
             "lenet_iter_4.caffemodel",
             "lenet_iter_4.solverstate",
+            "lenet_metrics.jsonl",
             "lenet_snapshots.json",
         ]
         conf = Config(spark, conf=solver, model=model, features="ip2")

@@ -116,6 +116,12 @@ def test_killed_worker_stage_retry_resumes_from_the_newest_snapshot(spark, tmp_p
     assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 100
     assert retried.final_iter == 300 and retried.iterations == 300 - int(m.group(1))
     assert f"trained {retried.iterations} iterations ({m.group(1)} to 300) on 2 rank(s)" in log
+    metrics = tmp_path / "killed" / "model" / "lenet_metrics.jsonl"
+    records = [json.loads(line) for line in metrics.open()]
+    failed = [r for r in records if r["kind"] == "failed"]
+    assert failed and failed[0]["attempt"] == 1 and "status -9" in failed[0]["message"]
+    resumed = [r for r in records if r["kind"] == "resumed"]
+    assert [(r["attempt"], r["iter"], r["retry"]) for r in resumed] == [(2, int(m.group(1)), True)]
     ref = model_weights(whole.model)
     for name, w in model_weights(retried.model).items():
         np.testing.assert_allclose(w, ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
