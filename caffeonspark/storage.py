@@ -74,7 +74,18 @@ def resolve(uri):
     try:
         return pafs.FileSystem.from_uri(uri)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types (no libhdfs, bad URI)
-        raise StorageError(f"{shown(uri)}: cannot open its filesystem: {e}") from None
+        # pyarrow lists every place it looked for libjvm / libhdfs: keep its first line.
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
+        hint = ""
+        if uri.split(":", 1)[0].lower() in ("hdfs", "viewfs"):
+            hint = (
+                "; pyarrow reaches HDFS through Hadoop's libhdfs in a JVM: set JAVA_HOME, "
+                "HADOOP_HOME (or ARROW_LIBHDFS_DIR) and CLASSPATH=$(hadoop classpath --glob)"
+            )
+        raise StorageError(
+            f"{shown(uri)}: cannot open its filesystem: {lines[0]}{more}{hint}"
+        ) from None
 
 
 def _split_query(uri):

@@ -188,6 +188,17 @@ def test_storage_remote_scheme_error_is_clear():
         storage.read_bytes("nosuch://x/y")
 
 
+def test_hdfs_without_hadoop_libraries_is_one_line_with_the_fix(monkeypatch):
+    # pyarrow's own message lists every path it tried for libjvm / libhdfs (~100 lines here).
+    monkeypatch.setenv("JAVA_HOME", "/nonexistent/jvm")
+    with pytest.raises(storage.StorageError) as info:
+        storage.read_bytes("hdfs://nn:8020/m/x.caffemodel")
+    message = str(info.value)
+    assert message.startswith("hdfs://nn:8020/m/x.caffemodel: cannot open its filesystem: ")
+    assert "\n" not in message and len(message) < 600
+    assert "CLASSPATH=$(hadoop classpath --glob)" in message
+
+
 def test_text_format_roundtrip_of_embedded_solver(solver):
     sp = Config(conf=solver).solver_param
     again = text_format.Parse(text_format.MessageToString(sp), caffe_pb2.SolverParameter())
