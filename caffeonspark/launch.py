@@ -196,10 +196,44 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
+DRIVER_PORTS_CONF = "spark.caffeonspark.driverPorts"
+
+
+def _driver_ports(sc):
+    """The ports the driver's listeners may take: spark.caffeonspark.driverPorts (e.g.
+    "40100-40120" or "40100,40105", for a firewall that opens only those), else any."""
+    spec = sc.getConf().get(DRIVER_PORTS_CONF, None)
+    if not spec:
+        return [0]
+    ports = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            ports.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        ports = []
+    if not ports or not all(0 < port < 65536 for port in ports):
+        raise LaunchError(
+            f"{DRIVER_PORTS_CONF}={spec!r}: expected ports such as 40100-40120 or 40100,40105"
+        )
+    return ports
+
+
 def _listen(sc, monitor):
     """A TCP server on the driver whose messages go to monitor.receive, and its address as
     the executors reach it."""
-    server = _Server(("0.0.0.0", 0), _Handler)
+    ports = _driver_ports(sc)
+    for port in ports:
+        try:
+            server = _Server(("0.0.0.0", port), _Handler)
+            break
+        except OSError:
+            continue
+    else:
+        raise LaunchError(
+            f"every port of {DRIVER_PORTS_CONF} ({ports[0]}-{ports[-1]}, {len(ports)} in all) "
+            "is in use: the driver needs one per training run and one per CaffeOnSpark object"
+        )
     server.monitor = monitor
     host = sc.getConf().get("spark.driver.host", None) or socket.gethostname()
     return server, (host, server.server_address[1])

@@ -543,3 +543,33 @@ def test_record_reporter_throttles_but_always_sends_the_final_count(monkeypatch)
         {"kind": "records", "pass": "p1", "done": 95, "final": True},
         None,
     ]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def test_driver_listeners_take_ports_from_the_configured_list():
+    port = _free_port()
+    sc = _FakeSparkContext(**{launch.DRIVER_PORTS_CONF: f"{port}-{port + 1}"})
+    board = launch.ProgressBoard(sc)
+    try:
+        with launch.Monitor(sc, ranks=1, rendezvous_timeout=10, idle_timeout=10) as monitor:
+            taken = {board.address[1], monitor.address[1]}
+            assert taken == {port, port + 1}
+            with pytest.raises(launch.LaunchError, match=r"every port of spark\.caffeonspark"):
+                launch.ProgressBoard(sc)  # a third listener: the list is used up
+    finally:
+        board.close()
+
+
+@pytest.mark.parametrize("spec", ["abc", "40100-x", "0", "70000", ""])
+def test_driver_ports_setting_is_checked(spec):
+    sc = _FakeSparkContext(**{launch.DRIVER_PORTS_CONF: spec})
+    if not spec:  # unset / empty: any free port
+        assert launch._driver_ports(sc) == [0]
+        return
+    with pytest.raises(launch.LaunchError, match="expected ports such as 40100-40120"):
+        launch._driver_ports(sc)
