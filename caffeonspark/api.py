@@ -286,24 +286,30 @@ class CaffeOnSpark:
 
 
 def check_output(spark, conf):
-    """-output as an absolute URI, after checking that Spark, which writes it, has a filesystem
-    for its scheme: a job fails here, before training or extracting, not at the write."""
+    """-output as Spark will write it, fully qualified: Spark writes it, so a path without a
+    scheme means Spark's default filesystem (HDFS on most clusters, the driver's working
+    folder locally), as for any DataFrame write. Fails here, before training or extracting,
+    when Spark has no filesystem for the scheme."""
     if not conf.output:
         raise ConfigError("-output is not set")
-    uri = storage.absolute(conf.output)
     jvm = spark.sparkContext._jvm
-    scheme = jvm.org.apache.hadoop.fs.Path(uri).toUri().getScheme() or "file"
+    hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()
+    hadoop_fs = jvm.org.apache.hadoop.fs
+    path = hadoop_fs.Path(conf.output)
+    given = path.toUri().getScheme()
+    scheme = given or hadoop_fs.FileSystem.getDefaultUri(hadoop_conf).getScheme()
     try:
-        jvm.org.apache.hadoop.fs.FileSystem.getFileSystemClass(
-            scheme, spark.sparkContext._jsc.hadoopConfiguration()
-        )
+        hadoop_fs.FileSystem.getFileSystemClass(scheme, hadoop_conf)  # no I/O, just the class
     except Exception:  # noqa: BLE001 - py4j wraps Hadoop's UnsupportedFileSystemException
         raise ConfigError(
-            f"-output {storage.shown(uri)}: Spark writes the features and has no filesystem for "
-            f"'{scheme}://' (on S3 use s3a:// with hadoop-aws on Spark's classpath; -model, "
-            "-snapshot and -weights take s3:// through pyarrow)"
+            f"-output {storage.shown(conf.output)}: Spark writes the features and has no "
+            f"filesystem for '{scheme}://' (on S3 use s3a:// with hadoop-aws on Spark's "
+            "classpath; -model, -snapshot and -weights take s3:// through pyarrow)"
         ) from None
-    return uri
+    if given and path.isAbsolute():
+        return conf.output
+    # Relative or without a scheme: qualified on the driver, as the writers will see it.
+    return str(path.getFileSystem(hadoop_conf).makeQualified(path).toString())
 
 
 def validation_frame(spark, rows):

@@ -420,7 +420,9 @@ def test_output_without_a_filesystem_fails_before_training(spark, data, tmp_path
     assert not model.exists() and not list(tmp_path.glob("lenet_iter_*"))
 
 
-def test_the_job_runs_the_net_once_to_write_features(spark, data, trained, tmp_path, monkeypatch):
+def test_the_job_runs_the_net_once_to_write_features(
+    spark, data, trained, tmp_path, monkeypatch, capsys
+):
     """-features with -output: written and counted without running the net a second time."""
     from pyspark import cloudpickle
 
@@ -442,18 +444,18 @@ def test_the_job_runs_the_net_once_to_write_features(spark, data, trained, tmp_p
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # executors lack tests/
     monkeypatch.setattr(api, "_inference_task", counted)
-    out = tmp_path / "features.json"
     conf = Config(
         spark,
         conf=trained["conf"].conf,
         model=trained["summary"].model,
         features="ip2",
-        output=str(out),
+        output=str(tmp_path / "features.json"),  # no scheme: Spark's default filesystem
         lmdb_partitions=2,
     )
     assert job.run(conf, spark) == 0
     assert sorted(runs.read_text().split()) == ["0", "1"]
-    assert spark.read.json(str(out)).count() == 103
+    assert spark.read.json(str(tmp_path / "features.json")).count() == 103
+    assert f"written to file:{tmp_path}/features.json" in capsys.readouterr().out
 
 
 # --- DataFrame and image sources -----------------------------------------------------------------
