@@ -126,7 +126,7 @@ class CaffeOnSpark:
         lead = min(results, key=lambda r: r["rank"])
         # After a stage retry the last attempt reports from where it resumed; the monitor
         # heard the earlier iterations' validation.
-        validation = dict(monitor.validation)
+        validation = monitor.validation
         validation.update((row["iteration"], row) for row in lead["validation"])
         summary = TrainSummary(
             model=lead["model"],
@@ -165,8 +165,7 @@ class CaffeOnSpark:
         # already there, one record per event).
         record = dataclasses.asdict(summary)
         del record["losses"], record["validation"]
-        monitor.metrics.append(dict(record, kind="summary", time=round(time.time(), 3)))
-        monitor.write_metrics()
+        monitor.add_summary(record)
         self.last_summary = summary
         return summary
 

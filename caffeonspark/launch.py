@@ -250,7 +250,7 @@ class Monitor:
     def __init__(self, sc, ranks, rendezvous_timeout, idle_timeout, label="train", metrics=None):
         self.sc = sc
         self.metrics_uri = metrics
-        self.metrics = []
+        self.metrics = []  # the events of METRIC_KINDS as received, + time and attempt
         self.ranks = ranks
         self.rendezvous_timeout = rendezvous_timeout
         self.idle_timeout = idle_timeout
@@ -261,7 +261,6 @@ class Monitor:
         self.joined = set()
         self.waiting = set()
         self.at_barrier = None
-        self.messages = []
         self.failure = None
         self.attempt = 1
         self.attempt_failed = False
@@ -283,6 +282,12 @@ class Monitor:
         self._server.server_close()
         self.write_metrics()
 
+    def add_summary(self, record):
+        """End the metrics file with the run's summary."""
+        with self._lock:
+            self.metrics.append(dict(record, kind="summary", time=round(time.time(), 3)))
+        self.write_metrics()
+
     def write_metrics(self):
         """(Re)write the metrics file, atomically like the snapshots: at every snapshot and
         at the end, so that it also works where files cannot be appended to (HDFS, S3)."""
@@ -300,7 +305,6 @@ class Monitor:
     def receive(self, m):
         with self._lock:
             self._last = time.monotonic()
-            self.messages.append(m)
             kind = m.get("kind")
             retrying = kind == "barrier" and self.attempt_failed
             if retrying:
@@ -366,7 +370,7 @@ class Monitor:
     def validation(self):
         """iteration -> validation row, over every attempt of the stage (the latest wins)."""
         with self._lock:
-            rows = [m for m in self.messages if m.get("kind") == "validation"]
+            rows = [m for m in self.metrics if m["kind"] == "validation"]
         return {
             m["iteration"]: {"iteration": m["iteration"], "outputs": m["outputs"]} for m in rows
         }
