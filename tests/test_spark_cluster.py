@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 from s3server import local_s3
+from test_spark_config import load_job
 
 from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource, LaunchError, SourceError
 from engine.data import LMDBWriter, array_to_datum
@@ -397,16 +398,6 @@ def test_write_features_parquet(spark, data, trained):
     cos = CaffeOnSpark(spark)
     uri, rows = cos.write_features(cos.features(DataSource.get(conf, is_train=False)), conf)
     assert rows == spark.read.parquet(uri).count() == 103
-
-
-def load_job():
-    """jobs/caffeonspark.py as a module (its name is the package's)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cos_job", REPO / "jobs" / "caffeonspark.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
 
 
 def test_output_without_a_filesystem_fails_before_training(spark, data, tmp_path):

@@ -208,21 +208,22 @@ def test_text_format_roundtrip_of_embedded_solver(solver):
 # --- the spark-submit entry point --------------------------------------------------------
 
 
-def _job_main():
+def load_job():
+    """jobs/caffeonspark.py as a module (its name is the package's)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("cos_job", REPO / "jobs" / "caffeonspark.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
 
 
 def test_job_rejects_bad_flags_before_starting_spark(solver, capsys):
-    assert _job_main()(["-conf", solver, "-train"]) == 2
+    assert load_job().main(["-conf", solver, "-train"]) == 2
     err = capsys.readouterr().err
     assert "-train needs -model" in err and "-lmdb_partitions" in err
 
 
 def test_job_help_lists_flags(capsys):
-    assert _job_main()(["-help"]) == 0
+    assert load_job().main(["-help"]) == 0
     assert "-clusterSize" in capsys.readouterr().out
