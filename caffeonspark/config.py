@@ -11,7 +11,7 @@ import os
 
 from google.protobuf import text_format
 
-from caffeonspark import storage
+from caffeonspark import dialect, storage
 from engine.proto import caffe_pb2
 
 TRAIN = caffe_pb2.TRAIN
@@ -360,7 +360,7 @@ def _read_text(uri, msg, what):
     try:
         return engine_io.parse_prototxt(text, msg, source=uri)
     except engine_io.CaffeFileError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(e) + dialect.parse_hint(str(e))) from None
 
 
 def load_solver(conf):
@@ -387,6 +387,10 @@ def load_solver(conf):
         raise ConfigError(f"{conf}: the solver names no net (net: or train_net:)")
     nets = [param.net_param, param.train_net_param, *param.test_net_param]
     for net in nets:
+        try:
+            dialect.standard_net(net)
+        except ValueError as e:
+            raise ConfigError(f"{conf}: net {net.name!r}: {e}") from None
         absolutize_net_paths(net)
     weights = [",".join(storage.absolute(w) for w in entry.split(",")) for entry in param.weights]
     del param.weights[:]

@@ -525,6 +525,53 @@ def test_image_list_source_train_and_features(spark, data):
     assert sorted(int(r.label) for r in rows) == sorted(int(x) for x in labels)
 
 
+def test_caffeonspark_prototxts_run_unchanged(spark, data):
+    """CaffeOnSpark's dialect: MemoryData + source_class. TRAIN reads an LMDB by file:// URI;
+    TEST an ImageDataFrame in a folder without a .parquet suffix, laid out as CaffeOnSpark's
+    tables are (string id and label, raw pixels whose shape only the layer gives), reached
+    through dataframe_column_select."""
+    folder = data["root"] / "cos"
+    folder.mkdir()
+    images, labels = digits(27, "test", offset=300)
+    rows = [(f"s{i}", int(lab), img.tobytes()) for i, (img, lab) in enumerate(zip(images, labels))]
+    table = folder / "mnist_test_dataframe"
+    spark.createDataFrame(rows, "sampleId string, digit int, pixels binary").repartition(
+        2
+    ).write.parquet(str(table))
+    shape = "channels: 1 height: 28 width: 28 share_in_parallel: false"
+    train = f"""source_class: "com.yahoo.ml.caffe.LMDB"
+        memory_data_param {{ source: "file://{data["train"]}" batch_size: 16 {shape} }}"""
+    test = f"""source_class: "com.yahoo.ml.caffe.ImageDataFrame"
+        memory_data_param {{ source: "{table}/" batch_size: 10 {shape}
+          dataframe_column_select: "sampleId as id"
+          dataframe_column_select: "cast(digit as string) as label"
+          dataframe_column_select: "pixels as data" }}"""
+    net = caffe_pb2.NetParameter()
+    text_format.Parse(LENET.read_text(), net)
+    for lp in net.layer:
+        if lp.type == "Data":
+            lp.type = "MemoryData"
+            lp.ClearField("data_param")
+            text_format.Merge(train if lp.include[0].phase == caffe_pb2.TRAIN else test, lp)
+    (folder / "net.prototxt").write_text(text_format.MessageToString(net))
+    (folder / "solver.prototxt").write_text(
+        f'net: "{folder}/net.prototxt" base_lr: 0.01 lr_policy: "fixed" max_iter: 3'
+    )
+    conf = Config(spark, conf=str(folder / "solver.prototxt"), model=str(folder / "m.caffemodel"))
+    cos = CaffeOnSpark(spark)
+    s = cos.train(DataSource.get(conf, is_train=True))
+    assert s.iterations == 3 and s.ranks == 2
+    conf.set(features="ip2")
+    source = DataSource.get(conf, is_train=False)
+    assert source.kind == "dataframe"
+    feats = cos.features(source).collect()
+    assert sorted(r.SampleID for r in feats) == sorted(f"s{i}" for i in range(27))
+    assert {r.SampleID: int(r.label) for r in feats} == {
+        f"s{i}": int(lab) for i, lab in enumerate(labels)
+    }
+    assert 0 <= cos.test(source)["accuracy"] <= 1
+
+
 # --- failing fast --------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ a local Arrow file). `open_spec(spec)` opens the spec as an engine RecordSource,
 engine's Data layer reads through `engine.layers.data_layers.set_source_factory`.
 """
 
+from caffeonspark import dialect
 from engine.proto import caffe_pb2
 
 
@@ -33,7 +34,8 @@ class DataSource:
     def get(conf, is_train):
         """The source the net's TRAIN (is_train) or TEST data layer reads, chosen from its
         type and source path: ImageData -> image list; a Data layer's LMDB -> LMDB; a
-        Parquet / JSON / ORC path -> DataFrame."""
+        Parquet / JSON / ORC path -> DataFrame; in CaffeOnSpark's prototxts, its
+        source_class (caffeonspark.dialect)."""
         from caffeonspark.sources import dataframe, images, lmdb
 
         phase = caffe_pb2.TRAIN if is_train else caffe_pb2.TEST
@@ -43,7 +45,8 @@ class DataSource:
         path = layer.data_param.source
         if not path:
             raise SourceError(f"{describe_layer(layer, phase)}: data_param.source is not set")
-        if dataframe.is_table_path(path):
+        kind = dialect.source_class(layer)  # CaffeOnSpark's prototxts name it
+        if kind == dialect.IMAGE_DATA_FRAME or (kind is None and dataframe.is_table_path(path)):
             return dataframe.DataFrameSource.read(conf, layer, phase)
         return lmdb.LMDBDataSource(conf, layer, phase)
 

@@ -7,11 +7,12 @@ Columns: `data` (binary: an encoded image, raw uint8 pixels, or a serialized Dat
 i -> rank i mod N, in row order, so shard sizes differ by at most one.
 """
 
+import math
 import os
 
 import numpy as np
 
-from caffeonspark import storage
+from caffeonspark import dialect, storage
 from caffeonspark.sources import DataSource, SourceError
 from engine.data import images
 from engine.data.datum import DatumError, array_to_datum, encoded_datum, parse_datum
@@ -63,13 +64,17 @@ class DataFrameSource(DataSource):
         path = storage.absolute(layer.data_param.source)
         if storage.is_local(path) and not os.path.exists(storage.local_path(path)):
             raise SourceError(f"{name}: table {path} not found")
-        fmt = table_format(path) or "parquet"
+        cos = dialect.source_class(layer) is not None
+        mp = layer.memory_data_param
+        fmt = mp.dataframe_format if cos else table_format(path) or "parquet"
         try:
             df = spark.read.format(fmt).load(path)
+            if cos and len(mp.dataframe_column_select):
+                df = df.selectExpr(*mp.dataframe_column_select)
         except Exception as e:  # noqa: BLE001 - AnalysisException and py4j errors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SourceError(f"{name}: cannot read {fmt} table {path}: {first}") from None
-        return cls(conf, layer, phase, df)
+        return cls(conf, layer, phase, cos_columns(df, layer) if cos else df)
 
     def _check_columns(self):
         cols = dict(self.df.dtypes)
@@ -132,6 +137,27 @@ class DataFrameSource(DataSource):
         return rdd, ArrowLocalizer(self._converter(), self.name, shuffle_seed=None)
 
 
+def cos_columns(df, layer):
+    """A DataFrame in CaffeOnSpark's ImageDataFrame layout (label, data: binary or string;
+    optional id, channels, height, width, encoded) with our column names: id -> SampleID,
+    data as binary, `encoded` from the layer's image_encoded and raw pixels' shape from its
+    memory_data_param where the table has no such columns."""
+    from pyspark.sql import functions as F
+
+    cols = dict(df.dtypes)
+    if "id" in cols and "SampleID" not in cols:
+        df = df.withColumnRenamed("id", "SampleID")
+    if cols.get("data") == "string":
+        df = df.withColumn("data", F.col("data").cast("binary"))
+    if "encoded" not in cols:
+        df = df.withColumn("encoded", F.lit(dialect.encoded_images(layer)))
+    shape = dialect.raw_shape(layer)
+    if shape is not None and not any(k in cols for k in ("channels", "height", "width")):
+        for key, value in zip(("channels", "height", "width"), shape):
+            df = df.withColumn(key, F.lit(value))
+    return df
+
+
 class RowConverter:
     """A row (dict of the source columns) -> (key, serialized Datum)."""
 
@@ -160,9 +186,14 @@ class RowConverter:
         label = row.get("label")
         if label is None:
             raise SourceError(f"{self.name} {what}: label is null")
-        if float(label) != int(float(label)):
+        try:
+            number = float(label)  # CaffeOnSpark's tables hold labels as strings
+            whole = math.isfinite(number) and number == int(number)
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
             raise SourceError(f"{self.name} {what}: label {label!r} is not an integer")
-        label = int(float(label))
+        label = int(number)
         shape = [row.get(k) for k in ("channels", "height", "width")]
         encoded = row.get("encoded")
         if encoded is None:
@@ -180,9 +211,13 @@ class RowConverter:
         if all(v is not None for v in shape):
             c, h, w = (int(v) for v in shape)
             if c * h * w != len(data):
+                hint = ""
+                if looks_encoded(data):
+                    hint = " (the data look like an encoded image: set its encoded column, or "
+                    hint += "the layer's image_encoded, to true)"
                 raise SourceError(
                     f"{self.name} {what}: {len(data)} bytes of data but channels x height x "
-                    f"width = {c}x{h}x{w} = {c * h * w}"
+                    f"width = {c}x{h}x{w} = {c * h * w}{hint}"
                 )
             arr = np.frombuffer(data, dtype=np.uint8).reshape(c, h, w)
             return array_to_datum(self._resized(arr), label)
