@@ -32,21 +32,30 @@ def shown(uri):
     return _SECRET.sub(r"\1:***@", os.fspath(uri))
 
 
+# Hadoop writes URIs without an authority with one slash (file:/data/x, hdfs:/models/m):
+# CaffeOnSpark's docs and Spark's logs use that form.
+_NO_AUTHORITY = re.compile(r"^([A-Za-z][\w+.-]+):/(?!/)")
+
+
+def canonical(uri):
+    """`uri` with Hadoop's one-slash form (file:/x, hdfs:/x) written as scheme:///x."""
+    return _NO_AUTHORITY.sub(r"\1:///", os.fspath(uri))
+
+
 def has_scheme(uri):
     """Whether `uri` names a filesystem scheme other than a plain local path."""
-    uri = os.fspath(uri)
-    head, sep, _ = uri.partition("://")
+    head, sep, _ = canonical(uri).partition("://")
     return bool(sep) and head.isidentifier() and len(head) > 1
 
 
 def is_local(uri):
-    uri = os.fspath(uri)
+    uri = canonical(uri)
     return not has_scheme(uri) or uri.startswith("file://")
 
 
 def local_path(uri):
     """The local filesystem path of a plain path or file:// URI (absolute)."""
-    uri = os.fspath(uri)
+    uri = canonical(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     elif has_scheme(uri):
@@ -56,7 +65,7 @@ def local_path(uri):
 
 def absolute(uri):
     """`uri` with a relative local path made absolute against the working directory."""
-    uri = os.fspath(uri)
+    uri = canonical(uri)
     if has_scheme(uri):
         return uri
     return os.path.abspath(os.path.expanduser(uri))
@@ -64,7 +73,7 @@ def absolute(uri):
 
 def resolve(uri):
     """(pyarrow FileSystem, path inside it) for any supported URI."""
-    uri = os.fspath(uri)
+    uri = canonical(uri)
     try:
         from pyarrow import fs as pafs
     except ImportError as e:  # pragma: no cover - pyarrow is a dependency
@@ -97,7 +106,7 @@ def _split_query(uri):
 
 
 def dirname(uri):
-    uri = os.fspath(uri)
+    uri = canonical(uri)
     if is_local(uri):
         return os.path.dirname(local_path(uri))
     base, query = _split_query(uri)
@@ -106,14 +115,14 @@ def dirname(uri):
 
 
 def basename(uri):
-    uri = os.fspath(uri)
+    uri = canonical(uri)
     if not has_scheme(uri):
         return os.path.basename(uri.rstrip("/"))
     return posixpath.basename(_split_query(uri)[0].rstrip("/"))
 
 
 def join(uri, name):
-    uri = os.fspath(uri)
+    uri = canonical(uri)
     if is_local(uri):
         return os.path.join(local_path(uri), name)
     base, query = _split_query(uri)

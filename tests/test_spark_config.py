@@ -174,6 +174,21 @@ def test_storage_local_and_file_uris(tmp_path):
         storage.read_bytes(tmp_path / "missing.bin")
 
 
+def test_hadoop_one_slash_uris_are_not_relative_paths(tmp_path, monkeypatch):
+    """`-model file:/models/m.caffemodel` (Hadoop's form, in CaffeOnSpark's docs) names
+    /models, not a folder called "file:" under the working directory."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"file:{tmp_path}/m/model.bin"
+    assert storage.absolute(uri) == f"file://{tmp_path}/m/model.bin"
+    assert storage.absolute("hdfs:/models/m") == "hdfs:///models/m"
+    assert storage.dirname(uri) == f"{tmp_path}/m" and storage.basename(uri) == "model.bin"
+    storage.write_bytes(uri, b"x")
+    assert (tmp_path / "m" / "model.bin").read_bytes() == b"x"
+    assert not (tmp_path / "file:").exists()
+    conf = Config(model=uri)
+    assert conf.model_uri == f"file://{tmp_path}/m/model.bin"
+
+
 def test_storage_uri_helpers():
     assert storage.has_scheme("hdfs://nn:8020/m/x.caffemodel")
     assert not storage.has_scheme("/m/x") and not storage.has_scheme("C:/x")
