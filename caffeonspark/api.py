@@ -107,6 +107,7 @@ class CaffeOnSpark:
             localizers[1] = vlocalizer
         threads = int(sc.getConf().get("spark.task.cpus", "1"))
         job = dict(self._job(conf, validation, ranks), threads=threads)
+        _note_cpu_only(conf)
         log.info(
             "training %s on %d rank(s) (%d executor(s) x %d device(s)), %s, model %s",
             conf.conf,
@@ -246,6 +247,7 @@ class CaffeOnSpark:
         rdd, localizer = source.partitions(self.spark)
         layer = conf.data_layer(TEST).name  # the TEST net's data layer reads the source
         net = rewrite_net(conf.net_param(TEST), layer, TEST)
+        _note_cpu_only(conf)
         model = sc.broadcast(storage.read_bytes(conf.model_uri, "model"))
         if self._progress is None:
             self._progress = launch.ProgressBoard(sc)
@@ -309,6 +311,16 @@ def check_output(spark, conf):
         return conf.output
     # Relative or without a scheme: qualified on the driver, as the writers will see it.
     return str(path.getFileSystem(hadoop_conf).makeQualified(path).toString())
+
+
+def _note_cpu_only(conf):
+    """Say so when the solver asks for the GPU: the workers compute on the CPU (NumPy) in this
+    version, whatever solver_mode says (CaffeOnSpark's sample solvers say GPU)."""
+    sp = conf.solver_param
+    if sp.HasField("solver_mode") and sp.solver_mode == sp.GPU:
+        log.warning(
+            "%s: solver_mode GPU, but the workers of this version compute on the CPU", conf.conf
+        )
 
 
 def validation_frame(spark, rows):

@@ -525,7 +525,7 @@ def test_image_list_source_train_and_features(spark, data):
     assert sorted(int(r.label) for r in rows) == sorted(int(x) for x in labels)
 
 
-def test_caffeonspark_prototxts_run_unchanged(spark, data):
+def test_caffeonspark_prototxts_run_unchanged(spark, data, caplog):
     """CaffeOnSpark's dialect: MemoryData + source_class. TRAIN reads an LMDB by file:// URI;
     TEST an ImageDataFrame in a folder without a .parquet suffix, laid out as CaffeOnSpark's
     tables are (string id and label, raw pixels whose shape only the layer gives), reached
@@ -555,11 +555,14 @@ def test_caffeonspark_prototxts_run_unchanged(spark, data):
             text_format.Merge(train if lp.include[0].phase == caffe_pb2.TRAIN else test, lp)
     (folder / "net.prototxt").write_text(text_format.MessageToString(net))
     (folder / "solver.prototxt").write_text(
-        f'net: "{folder}/net.prototxt" base_lr: 0.01 lr_policy: "fixed" max_iter: 3'
+        f'net: "{folder}/net.prototxt" base_lr: 0.01 lr_policy: "fixed" max_iter: 3 '
+        "solver_mode: GPU"  # as CaffeOnSpark's sample solvers have it
     )
     conf = Config(spark, conf=str(folder / "solver.prototxt"), model=str(folder / "m.caffemodel"))
     cos = CaffeOnSpark(spark)
-    s = cos.train(DataSource.get(conf, is_train=True))
+    with caplog.at_level("WARNING", logger="caffeonspark"):
+        s = cos.train(DataSource.get(conf, is_train=True))
+    assert "solver_mode GPU, but the workers of this version compute on the CPU" in caplog.text
     assert s.iterations == 3 and s.ranks == 2
     conf.set(features="ip2")
     source = DataSource.get(conf, is_train=False)
