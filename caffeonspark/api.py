@@ -286,6 +286,44 @@ class CaffeOnSpark:
         return uri, rows
 
 
+def write_test_result(spark, result, conf):
+    """Write a test result to -output as CaffeOnSpark did: one text file, a line per output
+    blob ("accuracy: 0.98", a vector's values comma-separated). -output means what it means
+    for -features (check_output); the file is written atomically: by storage where it is
+    local, else by Hadoop's filesystem (hdfs, s3a, ...) to a hidden name renamed into place.
+    Returns the file's URI."""
+    uri = check_output(spark, conf)
+    lines = []
+    for name, value in result.items():
+        values = value if isinstance(value, list) else [value]
+        lines.append(f"{name}: " + ",".join(repr(float(v)) for v in values))
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    if storage.is_local(uri):  # Hadoop's local filesystem would add a .crc file beside it
+        storage.write_bytes(uri, data)
+    else:
+        _hadoop_write(spark, uri, data)
+    log.info("wrote the test result to %s", storage.shown(uri))
+    return uri
+
+
+def _hadoop_write(spark, uri, data):
+    jvm = spark.sparkContext._jvm
+    hadoop_fs = jvm.org.apache.hadoop.fs
+    path = hadoop_fs.Path(uri)
+    fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    temp = hadoop_fs.Path(path.getParent(), f".{path.getName()}.{uuid.uuid4().hex}")
+    out = fs.create(temp, True)
+    try:
+        out.write(bytearray(data))
+    finally:
+        out.close()
+    if fs.exists(path):
+        fs.delete(path, True)
+    if not fs.rename(temp, path):
+        fs.delete(temp, False)
+        raise storage.StorageError(f"{storage.shown(uri)}: could not write it")
+
+
 def check_output(spark, conf):
     """-output as Spark will write it, fully qualified: Spark writes it, so a path without a
     scheme means Spark's default filesystem (HDFS on most clusters, the driver's working
@@ -303,7 +341,7 @@ def check_output(spark, conf):
         hadoop_fs.FileSystem.getFileSystemClass(scheme, hadoop_conf)  # no I/O, just the class
     except Exception:  # noqa: BLE001 - py4j wraps Hadoop's UnsupportedFileSystemException
         raise ConfigError(
-            f"-output {storage.shown(conf.output)}: Spark writes the features and has no "
+            f"-output {storage.shown(conf.output)}: Spark writes it and has no "
             f"filesystem for '{scheme}://' (on S3 use s3a:// with hadoop-aws on Spark's "
             "classpath; -model, -snapshot and -weights take s3:// through pyarrow)"
         ) from None

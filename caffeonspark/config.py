@@ -113,7 +113,9 @@ class Config:
     features = Flag(list, (), "comma-separated blobs to extract for every TEST record")
     label = Flag(str, "label", "blob holding each record's label (a column of -features)")
     model = Flag(str, None, "the .caffemodel: written by -train, read by -test / -features")
-    output = Flag(str, None, "where -features writes its table")
+    output = Flag(
+        str, None, "where -features writes its table (without -features: -test its result)"
+    )
     outputFormat = Flag(str, "json", "format of -output", choices=("json", "parquet"))
     devices = Flag(int, 1, "solver processes per executor", minimum=1)
     connection = Flag(
@@ -226,8 +228,10 @@ class Config:
         if not self.conf:
             raise ConfigError("-conf is required: the solver .prototxt")
         self.solver_param  # noqa: B018 - loads and validates the solver and its nets
-        if self.output and not self.features:
-            raise ConfigError("-output is where -features writes: give -features BLOBS too")
+        if self.output and not (self.features or self.test):
+            raise ConfigError(
+                "-output is where -features (or else -test) writes: give -features BLOBS or -test"
+            )
 
     def check_train(self):
         self._check_common()

@@ -6,7 +6,9 @@ on the cluster, with CaffeOnSpark's flags.
         -output work/lenet_features -outputFormat json -clusterSize 2
 
 Runs, in this order: -train (writes -model), -features (writes -output, or shows a few rows),
--test (prints the mean of every output blob, e.g. accuracy). `-help` lists every flag.
+-test (prints the mean of every output blob, e.g. accuracy; with -output and no -features it
+also writes them there, a "name: value" line each, as CaffeOnSpark did). `-help` lists every
+flag.
 """
 
 import logging
@@ -20,7 +22,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource  # noqa: E402
-from caffeonspark.api import check_output  # noqa: E402
+from caffeonspark.api import check_output, write_test_result  # noqa: E402
 from caffeonspark.launch import LaunchError  # noqa: E402
 from caffeonspark.sources import SourceError  # noqa: E402
 
@@ -49,7 +51,7 @@ def ship_packages(spark):
 
 def run(conf, spark):
     cos = CaffeOnSpark(spark)
-    if conf.features and conf.output:
+    if conf.output:
         check_output(spark, conf)  # before hours of training, not after
     if conf.train:
         summary = cos.train(DataSource.get(conf, is_train=True))
@@ -69,6 +71,8 @@ def run(conf, spark):
         result = cos.test(DataSource.get(conf, is_train=False))
         for name, value in result.items():
             print(f"{name} = {value}", flush=True)
+        if conf.output and not conf.features:  # as CaffeOnSpark: -output holds the features
+            print(f"test result written to {write_test_result(spark, result, conf)}", flush=True)
     return 0
 
 

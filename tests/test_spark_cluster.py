@@ -449,6 +449,37 @@ def test_the_job_runs_the_net_once_to_write_features(
     assert f"written to file:{tmp_path}/features.json" in capsys.readouterr().out
 
 
+def test_test_with_output_writes_the_result_file(spark, trained, tmp_path, capsys):
+    """-test -output (no -features): a "name: value" line per output blob, as CaffeOnSpark
+    wrote; a second run replaces the file."""
+    job = load_job()
+    out = tmp_path / "results" / "test_result"
+    out.parent.mkdir()
+    out.write_text("stale\n")
+    conf = Config(
+        spark,
+        conf=trained["conf"].conf,
+        model=trained["summary"].model,
+        test=True,
+        output=f"file:{out}",  # Hadoop's one-slash form, as CaffeOnSpark's docs write it
+    ).check()
+    assert job.run(conf, spark) == 0
+    printed = capsys.readouterr().out
+    lines = dict(line.split(": ") for line in out.read_text().splitlines())
+    assert set(lines) == {"accuracy", "loss"}
+    assert f"accuracy = {float(lines['accuracy'])}" in printed
+    assert 0 <= float(lines["accuracy"]) <= 1 and float(lines["loss"]) > 0
+    assert os.listdir(out.parent) == ["test_result"]  # no temp file left
+    # The path for remote filesystems (hdfs://, s3a://) goes through Hadoop's API: run it on
+    # the local filesystem (which adds its .crc files) to check the calls and the replace.
+    from caffeonspark.api import _hadoop_write
+
+    _hadoop_write(spark, f"file:{out}", b"accuracy: 0.5\n")
+    assert out.read_text() == "accuracy: 0.5\n"
+    temps = [n for n in os.listdir(out.parent) if n.startswith(".test_result.")]
+    assert temps == [".test_result.crc"]  # Hadoop's checksum of the file, no temp file
+
+
 # --- DataFrame and image sources -----------------------------------------------------------------
 
 

@@ -72,7 +72,7 @@ def test_keywords_are_the_flags(solver):
         (["-conf", "S", "-test", "-model", "m", "-weights", "w"], "-weights fine-tunes"),
         (["-conf", "S", "-test"], "-test needs -model"),
         (["-conf", "S", "-test", "-model", "missing.caffemodel"], "missing.caffemodel: no such"),
-        (["-conf", "S", "-test", "-model", "m", "-output", "o"], "-output is where -features"),
+        (["-conf", "S", "-train", "-model", "m", "-output", "o"], "-output is where -features"),
         (["-conf", "S", "-train", "-model", "m", "-snapshot", "x.solverstate"], "no such .solv"),
         (["-conf", "S", "-train", "-model", "m", "-weights", "w.caffemodel"], "no such file"),
         (["-conf", "S", "-outputFormat", "csv"], "'csv' is not one of json, parquet"),
