@@ -77,6 +77,21 @@ def write_solver(folder, train_source, test_source, train_batch, test_batch=10, 
     return str(path)
 
 
+def write_lenet(folder, data_layer, solver=""):
+    """LeNet in `folder` with each Data layer (data_param cleared) rewritten in place by
+    data_layer(lp), and a solver over it with `solver` settings added; returns its path."""
+    net = caffe_pb2.NetParameter()
+    text_format.Parse(LENET.read_text(), net)
+    for lp in net.layer:
+        if lp.type == "Data":
+            lp.ClearField("data_param")
+            data_layer(lp)
+    (folder / "net.prototxt").write_text(text_format.MessageToString(net))
+    path = folder / "solver.prototxt"
+    path.write_text(f'net: "{folder}/net.prototxt" base_lr: 0.01 lr_policy: "fixed" {solver}')
+    return str(path)
+
+
 def model_weights(path):
     net = caffe_pb2.NetParameter.FromString(Path(path).read_bytes())
     return {
@@ -526,26 +541,16 @@ def test_image_list_source_train_and_features(spark, data):
         (folder / f"d{i}.png").write_bytes(png_bytes(img))
         lines.append(f"d{i}.png {int(lab)}")
     (folder / "list.txt").write_text("\n".join(lines) + "\n")
-    net = caffe_pb2.NetParameter()
-    text_format.Parse(LENET.read_text(), net)
-    for lp in net.layer:
-        if lp.type == "Data":
-            lp.type = "ImageData"
-            lp.ClearField("data_param")
-            lp.image_data_param.source = str(folder / "list.txt")
-            lp.image_data_param.root_folder = str(folder) + "/"
-            lp.image_data_param.batch_size = 5
-            lp.image_data_param.is_color = False
-    (folder / "net.prototxt").write_text(text_format.MessageToString(net))
-    (folder / "solver.prototxt").write_text(
-        f'net: "{folder}/net.prototxt" base_lr: 0.01 lr_policy: "fixed" max_iter: 2'
-    )
-    conf = Config(
-        spark,
-        conf=str(folder / "solver.prototxt"),
-        model=str(folder / "m.caffemodel"),
-        features="ip2",
-    )
+
+    def image_data(lp):
+        lp.type = "ImageData"
+        lp.image_data_param.source = str(folder / "list.txt")
+        lp.image_data_param.root_folder = str(folder) + "/"
+        lp.image_data_param.batch_size = 5
+        lp.image_data_param.is_color = False
+
+    solver = write_lenet(folder, image_data, "max_iter: 2")
+    conf = Config(spark, conf=solver, model=str(folder / "m.caffemodel"), features="ip2")
     cos = CaffeOnSpark(spark)
     s = cos.train(DataSource.get(conf, is_train=True))  # ImageData runs as a Data layer
     assert s.iterations == 2 and s.ranks == 2
@@ -577,19 +582,14 @@ def test_caffeonspark_prototxts_run_unchanged(spark, data, caplog):
           dataframe_column_select: "sampleId as id"
           dataframe_column_select: "cast(digit as string) as label"
           dataframe_column_select: "pixels as data" }}"""
-    net = caffe_pb2.NetParameter()
-    text_format.Parse(LENET.read_text(), net)
-    for lp in net.layer:
-        if lp.type == "Data":
-            lp.type = "MemoryData"
-            lp.ClearField("data_param")
-            text_format.Merge(train if lp.include[0].phase == caffe_pb2.TRAIN else test, lp)
-    (folder / "net.prototxt").write_text(text_format.MessageToString(net))
-    (folder / "solver.prototxt").write_text(
-        f'net: "{folder}/net.prototxt" base_lr: 0.01 lr_policy: "fixed" max_iter: 3 '
-        "solver_mode: GPU"  # as CaffeOnSpark's sample solvers have it
-    )
-    conf = Config(spark, conf=str(folder / "solver.prototxt"), model=str(folder / "m.caffemodel"))
+
+    def memory_data(lp):
+        lp.type = "MemoryData"
+        text_format.Merge(train if lp.include[0].phase == caffe_pb2.TRAIN else test, lp)
+
+    # solver_mode GPU as CaffeOnSpark's sample solvers have it
+    solver = write_lenet(folder, memory_data, "max_iter: 3 solver_mode: GPU")
+    conf = Config(spark, conf=solver, model=str(folder / "m.caffemodel"))
     cos = CaffeOnSpark(spark)
     with caplog.at_level("WARNING", logger="caffeonspark"):
         s = cos.train(DataSource.get(conf, is_train=True))
