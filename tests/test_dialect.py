@@ -3,6 +3,7 @@ source) load as Data layers and pick their source; what cannot run is refused by
 DataFrame side (CaffeOnSpark's table layout) runs on Spark in test_spark_cluster."""
 
 import pytest
+from google.protobuf import text_format
 from test_spark_sources import write_lmdb
 
 from caffeonspark import Config, ConfigError, DataSource, SourceError
@@ -147,3 +148,19 @@ def test_encoded_looking_raw_data_says_how_to_mark_it():
     row = {"data": png, "label": 1, "channels": 1, "height": 2, "width": 2, "encoded": False}
     with pytest.raises(SourceError, match="look like an encoded image"):
         RowConverter(["data", "label"], "t", None)(row, 0)
+
+
+def test_engine_alone_names_the_caffeonspark_source():
+    """`python -m engine` does not read a CaffeOnSpark MemoryData source: it says so."""
+    from engine.layer import LayerError
+    from engine.net import Net
+
+    net = caffe_pb2.NetParameter()
+    text_format.Parse(
+        'layer { name: "data" type: "MemoryData" top: "data" top: "label" '
+        'source_class: "com.yahoo.ml.caffe.LMDB" memory_data_param { source: "/data/lmdb" '
+        "batch_size: 2 channels: 1 height: 4 width: 4 } }",
+        net,
+    )
+    with pytest.raises(LayerError, match=r"CaffeOnSpark source \(/data/lmdb\).*caffeonspark.py"):
+        Net(net, phase=TRAIN).forward()

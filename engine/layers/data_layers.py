@@ -311,7 +311,14 @@ class MemoryData(Layer):
 
     def forward(self, bottom, top):
         if self._data is None:
-            raise self.error("no data: call reset(data, labels) or set_input_arrays first")
+            hint = ""
+            if self.param.source_class or self.param.memory_data_param.source:
+                # CaffeOnSpark's dialect: Spark feeds this layer from its source.
+                hint = (
+                    f"; it names a CaffeOnSpark source ({self.param.memory_data_param.source}):"
+                    " run it with jobs/caffeonspark.py, or make it a Data layer"
+                )
+            raise self.error(f"no data: call reset(data, labels) or set_input_arrays first{hint}")
         b = self.batch_size
         _copy_into(top[0], self._data[self._pos : self._pos + b])
         _copy_into(top[1], self._labels[self._pos : self._pos + b])
