@@ -289,9 +289,9 @@ class CaffeOnSpark:
 def write_test_result(spark, result, conf):
     """Write a test result to -output as CaffeOnSpark did: one text file, a line per output
     blob ("accuracy: 0.98", a vector's values comma-separated). -output means what it means
-    for -features (check_output); the file is written atomically: by storage where it is
-    local, else by Hadoop's filesystem (hdfs, s3a, ...) to a hidden name renamed into place.
-    Returns the file's URI."""
+    for -features (check_output); the file is never seen half-written: storage writes it
+    where it is local, else Hadoop's filesystem (hdfs, s3a, ...) writes a hidden name and
+    renames it into place. Returns the file's URI."""
     uri = check_output(spark, conf)
     lines = []
     for name, value in result.items():

@@ -1,5 +1,5 @@
 """CaffeOnSpark's own prototxts: a MemoryData layer names its records with `source_class` and
-`memory_data_param { source ... }` (Yahoo's fork of caffe.proto, kept in engine/proto):
+`memory_data_param { source ... }` (fields of CaffeOnSpark's caffe.proto, kept in engine/proto):
 
     layer { name: "data" type: "MemoryData" top: "data" top: "label"
             source_class: "com.yahoo.ml.caffe.LMDB"
