@@ -129,7 +129,12 @@ class Config:
     )
     persistent = Flag(bool, False, "cache the data source's records between jobs (Spark persist)")
     snapshot = Flag(str, None, ".solverstate to resume training from")
-    weights = Flag(str, None, ".caffemodel to initialise (fine-tune) the training net from")
+    weights = Flag(
+        str,
+        None,
+        ".caffemodel to initialise (fine-tune) the training net from; with -snapshot, the "
+        "snapshot's weights (CaffeOnSpark's -snapshot S -weights M)",
+    )
     resize = Flag(bool, False, "resize every image to the size of the first one (image sources)")
     lmdb_partitions = Flag(
         int,
@@ -237,12 +242,13 @@ class Config:
         self._check_common()
         if not self.model:
             raise ConfigError("-train needs -model: where to write the trained .caffemodel")
-        if self.snapshot and self.weights:
+        if self.snapshot and self.weights and "," in self.weights:
             raise ConfigError(
-                "give -snapshot to resume training or -weights to fine-tune, not both"
+                "-snapshot with -weights resumes from the snapshot with those weights (as "
+                f"CaffeOnSpark did): give one .caffemodel, not {self.weights!r}"
             )
         if self.snapshot:
-            _check_snapshot(self.snapshot)
+            _check_snapshot(self.snapshot, with_weights=bool(self.weights))
         if self.weights:
             for path in self.weights.split(","):
                 if not storage.exists(storage.absolute(path)):
@@ -330,8 +336,9 @@ def _unknown(name, flags):
     return f"unknown flag -{name}{hint}; known: " + " ".join(f"-{f}" for f in flags)
 
 
-def _check_snapshot(path):
-    """Fail fast on a -snapshot whose .solverstate or model is missing."""
+def _check_snapshot(path, with_weights=False):
+    """Fail fast on a -snapshot whose .solverstate or model is missing (its model is -weights
+    when given, CaffeOnSpark's form; else the one the .solverstate names, as in Caffe)."""
     uri = storage.absolute(path)
     if not storage.is_file(uri):
         raise ConfigError(f"-snapshot {storage.shown(path)}: no such .solverstate file")
@@ -340,7 +347,7 @@ def _check_snapshot(path):
         state.ParseFromString(storage.read_bytes(uri))
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise ConfigError(f"-snapshot {storage.shown(path)}: not a .solverstate: {e}") from None
-    if state.learned_net:
+    if state.learned_net and not with_weights:
         beside = storage.join(storage.dirname(uri), storage.basename(state.learned_net))
         if not (storage.exists(storage.absolute(state.learned_net)) or storage.exists(beside)):
             raise ConfigError(

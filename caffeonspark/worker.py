@@ -224,7 +224,10 @@ class Worker:
             )
             state = retry
         if state:
-            restore(solver, state, os.path.join(self.workdir, "resume"))
+            # CaffeOnSpark's `-snapshot S -weights M` resumes S with M's weights; a retry's
+            # snapshot carries this run's own weights.
+            model = job.get("weights") if not retry else None
+            restore(solver, state, os.path.join(self.workdir, "resume"), model)
             log.info("resumed from %s at iteration %d", storage.shown(state), solver.iter)
             self.send(
                 "resumed", path=storage.shown(state), iter=int(solver.iter), retry=bool(retry)
@@ -454,15 +457,17 @@ def latest_snapshot(folder, stem):
     return best[1] if best else None
 
 
-def restore(solver, state_uri, local_dir):
-    """solver.restore from a (possibly remote) .solverstate and the model it names, looked up
-    as written or beside the .solverstate."""
+def restore(solver, state_uri, local_dir, model_uri=None):
+    """solver.restore from a (possibly remote) .solverstate and its weights: `model_uri` when
+    given, else the model the state names, looked up as written or beside the .solverstate."""
     from caffeonspark import storage
     from engine.proto import caffe_pb2
 
     os.makedirs(local_dir, exist_ok=True)
     state = caffe_pb2.SolverState.FromString(storage.read_bytes(state_uri, "solver state"))
-    if state.learned_net:
+    if model_uri:
+        state.learned_net = storage.fetch(model_uri, local_dir)
+    elif state.learned_net:
         candidates = [storage.join(storage.dirname(state_uri), storage.basename(state.learned_net))]
         if os.path.isabs(state.learned_net) or storage.has_scheme(state.learned_net):
             candidates.insert(0, state.learned_net)

@@ -200,17 +200,28 @@ def test_two_ranks_match_one_rank_with_double_batch(spark, data, trained):
         np.testing.assert_allclose(w, two[name], rtol=1e-4, atol=2e-6, err_msg=name)
 
 
-def test_resume_from_snapshot_continues(spark, data, trained):
+@pytest.mark.parametrize("form", ["caffe", "caffeonspark"])
+def test_resume_from_snapshot_continues(spark, data, trained, form):
     # Each shard is 5 batches, so a run restarted at iteration 5 sees the batches of
-    # iterations 5..9 again: resuming must reproduce the uninterrupted run.
-    folder = data["root"] / "resumed"
+    # iterations 5..9 again: resuming must reproduce the uninterrupted run. Caffe's form
+    # takes the weights the .solverstate names; CaffeOnSpark's `-snapshot S -weights M` takes
+    # M's, so there the state is copied alone and names a model that is nowhere.
+    folder = data["root"] / f"resumed_{form}"
     folder.mkdir()
-    snap = trained["folder"] / "model" / "lenet_iter_5.solverstate"
+    model = trained["folder"] / "model"
+    snap, weights = model / "lenet_iter_5.solverstate", None
+    if form == "caffeonspark":
+        state = caffe_pb2.SolverState.FromString(snap.read_bytes())
+        state.learned_net = "gone_iter_5.caffemodel"
+        snap = folder / snap.name
+        snap.write_bytes(state.SerializeToString())
+        weights = f"file:{model / 'lenet_iter_5.caffemodel'}"
     conf = Config(
         spark,
         conf=trained["conf"].conf,
         model=str(folder / "lenet.caffemodel"),
         snapshot=f"file://{snap}",
+        weights=weights,
     )
     s = CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
     assert s.iterations == 5 and s.final_iter == 10

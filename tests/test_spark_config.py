@@ -67,7 +67,7 @@ def test_keywords_are_the_flags(solver):
         (["-train"], "-conf is required"),
         (["-conf", "S"], "nothing to do"),
         (["-conf", "S", "-train"], "-train needs -model"),
-        (["-conf", "S", "-train", "-model", "m", "-snapshot", "a", "-weights", "b"], "not both"),
+        (["-conf", "S", "-train", "-model", "m", "-snapshot", "a", "-weights", "b,c"], "one .caf"),
         (["-conf", "S", "-test", "-model", "m", "-snapshot", "s"], "-snapshot resumes training"),
         (["-conf", "S", "-test", "-model", "m", "-weights", "w"], "-weights fine-tunes"),
         (["-conf", "S", "-test"], "-test needs -model"),
@@ -101,6 +101,20 @@ def test_snapshot_without_its_model_is_rejected(solver, tmp_path):
         conf.check()
     (tmp_path / "gone_iter_5.caffemodel").write_bytes(b"")
     conf.check()
+
+
+def test_snapshot_with_weights_is_caffeonsparks_resume(solver, tmp_path):
+    # CaffeOnSpark resumed with `-snapshot S -weights M` (it refused S alone): M stands in
+    # for the model the .solverstate names, which need not exist then.
+    state = caffe_pb2.SolverState(iter=5, learned_net="/elsewhere/lenet_iter_5.caffemodel")
+    (tmp_path / "s.solverstate").write_bytes(state.SerializeToString())
+    conf = Config(
+        conf=solver, train=True, model="m.caffemodel", snapshot="s.solverstate", weights="w"
+    )
+    with pytest.raises(ConfigError, match="-weights w: no such file"):
+        conf.check()
+    (tmp_path / "w").write_bytes(b"")
+    assert conf.check() is conf
 
 
 def test_unwritable_model_folder_fails(solver, tmp_path):
