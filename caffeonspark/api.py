@@ -19,7 +19,7 @@ import uuid
 import numpy as np
 
 from caffeonspark import launch, storage
-from caffeonspark.config import TEST, TRAIN, ConfigError
+from caffeonspark.config import TEST, TRAIN, ConfigError, spark_session
 from caffeonspark.sources import (
     DataSource,
     SourceError,
@@ -64,10 +64,13 @@ class TrainSummary:
 
 
 class CaffeOnSpark:
-    """Train / test / extract features with a Caffe net on the cluster of `spark`."""
+    """Train / test / extract features with a Caffe net on the cluster of `spark` (a
+    SparkSession; CaffeOnSpark's `CaffeOnSpark(sc)` and `CaffeOnSpark(sc, sqlContext)` work
+    too)."""
 
-    def __init__(self, spark):
-        self.spark = spark
+    def __init__(self, spark, sqlContext=None):  # noqa: N803 - CaffeOnSpark's name
+        del sqlContext  # CaffeOnSpark 0.x's second argument: the session has what it held
+        self.spark = spark_session(spark)
         self.last_summary = None  # the TrainSummary of the latest train / trainWithValidation
         self._progress = None  # a launch.ProgressBoard, started by the first test / features
         _ensure_log_handler()

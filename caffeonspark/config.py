@@ -99,12 +99,43 @@ class Flag:
         return out
 
 
+class Alias:
+    """A name CaffeOnSpark's Config gave a setting (`cfg.protoFile` for -conf), read and
+    written through the flag, so its notebooks run unchanged."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.flag)
+
+    def __set__(self, obj, value):
+        setattr(obj, self.flag, value)
+
+
+def spark_session(spark):
+    """`spark` as a SparkSession: CaffeOnSpark's API took a SparkContext where ours takes the
+    session; both are accepted (None stays None: no Spark needed yet)."""
+    if spark is None or hasattr(spark, "read"):
+        return spark
+    if hasattr(spark, "_jsc"):  # a SparkContext
+        from pyspark.sql import SparkSession
+
+        return SparkSession(spark)
+    raise TypeError(f"expected a SparkSession (or a SparkContext), got {type(spark).__name__}")
+
+
 class Config:
     """Settings of a CaffeOnSpark job.
 
     `Config(spark, conf="solver.prototxt", model="hdfs:///m/lenet.caffemodel", clusterSize=2)`
     or `Config.from_args(["-conf", "solver.prototxt", "-train", ...], spark)`. Keywords have
     the names of CaffeOnSpark's flags. `set(**kw)` changes settings and returns the Config.
+
+    CaffeOnSpark's Python forms work too: `Config(sc, {"-conf": "solver.prototxt", ...})` (a
+    dict or a list of flags), then `cfg.protoFile = ...`, `cfg.modelPath = ...` and its other
+    attribute names (`ALIASES`). Setting a name that is none of these is an error, not a new
+    attribute nobody reads.
     """
 
     conf = Flag(str, None, "solver .prototxt: the net, its data layers and the solver settings")
@@ -155,28 +186,100 @@ class Config:
         float, 60.0, "seconds to wait for executors to register before sizing the cluster"
     )
 
-    def __init__(self, spark=None, **settings):
-        self.spark = spark
+    # CaffeOnSpark's attribute names (its Config.scala / Config.py) for the flags above.
+    protoFile = Alias("conf")
+    modelPath = Alias("model")
+    outputPath = Alias("output")
+    isTraining = Alias("train")
+    isTest = Alias("test")
+    isRddPersistent = Alias("persistent")
+    snapshotStateFile = Alias("snapshot")
+    snapshotModelFile = Alias("weights")
+
+    _INTERNAL = ("spark", "_values", "_solver")
+
+    def __init__(self, spark=None, args=None, **settings):
+        self.spark = spark_session(spark)
         self._values = {}
         self._solver = None
+        if args is not None:
+            self.set(**self._args_settings(args))
         self.set(**settings)
 
     @classmethod
     def flags(cls):
         return {k: v for k, v in vars(cls).items() if isinstance(v, Flag)}
 
+    @classmethod
+    def aliases(cls):
+        return {k: v.flag for k, v in vars(cls).items() if isinstance(v, Alias)}
+
     def set(self, **settings):
-        flags = self.flags()
+        flags, aliases = self.flags(), self.aliases()
         for name, value in settings.items():
-            if name not in flags:
+            if name not in flags and name not in aliases:
                 raise ConfigError(_unknown(name, flags))
             setattr(self, name, value)
         return self
 
+    def __setattr__(self, name, value):
+        cls = type(self)
+        if name not in self._INTERNAL and not isinstance(
+            getattr(cls, name, None), (Flag, Alias, property)
+        ):
+            known = list(self.flags()) + list(self.aliases()) + ["isFeature"]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"Config has no setting {name!r}{hint}")
+        object.__setattr__(self, name, value)
+
+    # --- CaffeOnSpark's names that are not one flag ---------------------------------------------
+    @property
+    def isFeature(self):
+        """True when -features names blobs (CaffeOnSpark's flag; setting False clears them)."""
+        return bool(self.features)
+
+    @isFeature.setter
+    def isFeature(self, value):
+        if not _to_bool(value, "isFeature"):
+            self.features = None
+
+    @property
+    def solverParameter(self):
+        return self.solver_param
+
+    @property
+    def netParam(self):
+        """The solver's net, as CaffeOnSpark's Config held it (every phase's layers)."""
+        sp = self.solver_param
+        return sp.train_net_param if sp.HasField("train_net_param") else sp.net_param
+
     # --- command line -----------------------------------------------------------------------
+    @classmethod
+    def _args_settings(cls, args):
+        """Settings from CaffeOnSpark's `args`: a dict of flags (`{"-conf": "s.prototxt",
+        "clusterSize": "2"}`, an empty value switching a boolean flag on) or a list of them."""
+        if isinstance(args, dict):
+            flags = cls.flags()
+            settings = {}
+            for key, value in args.items():
+                name = str(key).lstrip("-")
+                flag = flags.get(name)
+                if flag is not None and flag.kind is bool and value in (None, ""):
+                    value = True
+                settings[name] = value
+            return settings
+        if isinstance(args, (list, tuple)):
+            return cls._parse_args(args)
+        raise ConfigError(f"Config args: expected a dict or a list of flags, got {args!r}")
+
     @classmethod
     def from_args(cls, argv, spark=None):
         """Parse CaffeOnSpark-style flags (`-train -conf x.prototxt -clusterSize 2`)."""
+        return cls(spark, **cls._parse_args(argv))
+
+    @classmethod
+    def _parse_args(cls, argv):
         flags = cls.flags()
         settings = {}
         args = list(argv)
@@ -202,7 +305,7 @@ class Config:
                 raise ConfigError(f"-{name} given twice")
             settings[name] = value
             i += 1
-        return cls(spark, **settings)
+        return settings
 
     @classmethod
     def usage(cls):

@@ -600,16 +600,24 @@ def test_caffeonspark_prototxts_run_unchanged(spark, data, caplog):
 
     # solver_mode GPU as CaffeOnSpark's sample solvers have it
     solver = write_lenet(folder, memory_data, "max_iter: 3 solver_mode: GPU")
-    conf = Config(spark, conf=solver, model=str(folder / "m.caffemodel"))
-    cos = CaffeOnSpark(spark)
+    # CaffeOnSpark's Python API, as its notebooks used it: a SparkContext, a dict of flags,
+    # its attribute names, DataSource(sc).getSource.
+    sc = spark.sparkContext
+    cos = CaffeOnSpark(sc, None)
+    cfg = Config(sc, {"-conf": solver, "clusterSize": "2"})
+    cfg.modelPath = f"file:{folder / 'm.caffemodel'}"
+    cfg.isFeature = True
     with caplog.at_level("WARNING", logger="caffeonspark"):
-        s = cos.train(DataSource.get(conf, is_train=True))
+        s = cos.train(DataSource(sc).getSource(cfg, True))
     assert "solver_mode GPU, but the workers of this version compute on the CPU" in caplog.text
     assert s.iterations == 3 and s.ranks == 2
-    conf.set(features="ip2")
-    source = DataSource.get(conf, is_train=False)
+    cfg.features = ["ip2"]
+    cfg.label = "label"
+    source = DataSource(sc).getSource(cfg, False)
     assert source.kind == "dataframe"
-    feats = cos.features(source).collect()
+    feats = cos.features(source)
+    assert feats.sparkSession is not None  # a pyspark DataFrame, as CaffeOnSpark returned
+    feats = feats.collect()
     assert sorted(r.SampleID for r in feats) == sorted(f"s{i}" for i in range(27))
     assert {r.SampleID: int(r.label) for r in feats} == {
         f"s{i}": int(lab) for i, lab in enumerate(labels)

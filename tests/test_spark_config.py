@@ -103,6 +103,37 @@ def test_snapshot_without_its_model_is_rejected(solver, tmp_path):
     conf.check()
 
 
+def test_caffeonspark_python_api_forms(solver):
+    # Config(sc, args) took a dict of flags (its notebooks) or a list (its Scala API), and
+    # CaffeOnSpark's attribute names read and write our flags.
+    cfg = Config(None, {"-conf": solver, "train": "", "clusterSize": "2", "-features": "ip1"})
+    assert cfg.train and cfg.clusterSize == 2 and cfg.protoFile == solver
+    assert cfg.isTraining and not cfg.isTest and cfg.isFeature
+    assert Config(None, ["-conf", solver, "-test"]).isTest
+    cfg.modelPath, cfg.outputPath = "file:/m/lenet.caffemodel", "out"
+    cfg.snapshotStateFile, cfg.snapshotModelFile = "s.solverstate", "s.caffemodel"
+    cfg.isRddPersistent = True
+    assert (cfg.model, cfg.output, cfg.persistent) == ("file:/m/lenet.caffemodel", "out", True)
+    assert (cfg.snapshot, cfg.weights) == ("s.solverstate", "s.caffemodel")
+    cfg.isFeature = False
+    assert cfg.features == () and not cfg.isFeature
+    assert cfg.solverParameter.max_iter == cfg.solver_param.max_iter
+    assert cfg.netParam.name == "LeNet"
+    assert Config(protoFile=solver).conf == solver
+
+
+def test_misspelt_setting_is_an_error_not_a_new_attribute(solver):
+    cfg = Config(conf=solver)
+    with pytest.raises(ConfigError, match="no setting 'modelpath' .*did you mean modelPath"):
+        cfg.modelpath = "m.caffemodel"
+    with pytest.raises(ConfigError, match="no setting 'clustersize' .*clusterSize"):
+        cfg.clustersize = 2
+    with pytest.raises(ConfigError, match="expected a dict or a list"):
+        Config(None, "-conf x")
+    with pytest.raises(TypeError, match="expected a SparkSession"):
+        Config(object())
+
+
 def test_snapshot_with_weights_is_caffeonsparks_resume(solver, tmp_path):
     # CaffeOnSpark resumed with `-snapshot S -weights M` (it refused S alone): M stands in
     # for the model the .solverstate names, which need not exist then.

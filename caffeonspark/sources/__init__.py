@@ -22,6 +22,11 @@ class DataSource:
 
     kind = None
 
+    def __new__(cls, *args, **kwargs):
+        if cls is DataSource and len(args) == 1 and not kwargs:
+            return _SourceChooser()  # CaffeOnSpark's DataSource(sc).getSource(conf, isTraining)
+        return super().__new__(cls)
+
     def __init__(self, conf, layer, phase):
         self.conf = conf
         self.layer = layer
@@ -49,6 +54,8 @@ class DataSource:
         if kind == dialect.IMAGE_DATA_FRAME or (kind is None and dataframe.is_table_path(path)):
             return dataframe.DataFrameSource.read(conf, layer, phase)
         return lmdb.LMDBDataSource(conf, layer, phase)
+
+    getSource = get
 
     @staticmethod
     def from_dataframe(conf, df, is_train):
@@ -95,6 +102,15 @@ class DataSource:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name})"
+
+
+class _SourceChooser:
+    """What CaffeOnSpark's `DataSource(sc)` gave: an object whose getSource(conf, isTraining)
+    picks the source, as DataSource.get does."""
+
+    @staticmethod
+    def getSource(conf, isTraining):  # noqa: N803 - CaffeOnSpark's name
+        return DataSource.get(conf, isTraining)
 
 
 def describe_layer(layer, phase):
