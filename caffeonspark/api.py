@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import weakref
 
 import numpy as np
 
@@ -73,7 +74,22 @@ class CaffeOnSpark:
         self.spark = spark_session(spark)
         self.last_summary = None  # the TrainSummary of the latest train / trainWithValidation
         self._progress = None  # a launch.ProgressBoard, started by the first test / features
+        self._close_progress = None
         _ensure_log_handler()
+
+    def close(self):
+        """Stop listening for test / features progress (a later pass starts a new listener).
+        A features DataFrame evaluated after this still runs; only its progress lines are
+        lost. Also done when the object is garbage-collected or leaves a `with` block."""
+        if self._close_progress is not None:
+            self._close_progress()
+        self._progress = self._close_progress = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # --- training ------------------------------------------------------------------------------
     def train(self, source):
@@ -252,10 +268,9 @@ class CaffeOnSpark:
         net = rewrite_net(conf.net_param(TEST), layer, TEST)
         _note_cpu_only(conf)
         model = sc.broadcast(storage.read_bytes(conf.model_uri, "model"))
-        if self._progress is None:
-            self._progress = launch.ProgressBoard(sc)
         num = rdd.getNumPartitions()
-        pass_id = self._progress.add(f"{mode} of {source.name}", num)
+        board = self._progress_board(sc)
+        pass_id = board.add(f"{mode} of {source.name}", num)
         task = _inference_task(
             net.SerializeToString(),
             layer,
@@ -264,9 +279,16 @@ class CaffeOnSpark:
             what,
             localizer,
             num,
-            (self._progress.address, pass_id),
+            (board.address, pass_id),
         )
         return rdd.mapPartitionsWithIndex(task)
+
+    def _progress_board(self, sc):
+        if self._progress is None:
+            self._progress = launch.ProgressBoard(sc)
+            # Its port closes with this object (or at close()), not at the interpreter's exit.
+            self._close_progress = weakref.finalize(self, self._progress.close)
+        return self._progress
 
     # --- writing -----------------------------------------------------------------------------
     @staticmethod

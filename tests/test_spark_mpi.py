@@ -529,6 +529,36 @@ def test_progress_board_lines_for_test_and_features_passes(caplog, monkeypatch):
         board.close()
 
 
+def _refused(address):
+    try:
+        socket.create_connection(tuple(address), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_progress_listener_closes_with_its_caffeonspark():
+    import gc
+
+    from caffeonspark import CaffeOnSpark
+
+    class Session:  # what CaffeOnSpark keeps of a SparkSession until it runs something
+        read = sparkContext = None
+
+    sc = _FakeSparkContext()
+    with CaffeOnSpark(Session()) as cos:
+        board = cos._progress_board(sc)
+        assert cos._progress_board(sc) is board and not _refused(board.address)
+    assert _refused(board.address)
+    assert cos._progress_board(sc) is not board  # a later pass listens again
+    cos.close()
+    cos = CaffeOnSpark(Session())
+    address = cos._progress_board(sc).address
+    del cos
+    gc.collect()
+    assert _refused(address)
+
+
 def test_record_reporter_throttles_but_always_sends_the_final_count(monkeypatch):
     got = []
     monkeypatch.setattr(launch, "_reporter", lambda address, rank: got.append)
