@@ -25,6 +25,7 @@ from caffeonspark.sources import (
     DataSource,
     SourceError,
     SourceFactory,
+    key_text,
     open_spec,
     rewrite_net,
 )
@@ -447,16 +448,6 @@ class KeyedSource(RecordSource):
         self.inner.close()
 
 
-def _key_text(key):
-    if isinstance(key, (bytes, bytearray, memoryview)):
-        key = bytes(key)
-        try:
-            return key.decode("utf-8")
-        except UnicodeDecodeError:
-            return key.hex()
-    return str(key)
-
-
 def _inference_task(net_bytes, layer, model, mode, what, localizer, num, progress_to=None):
     """mapPartitionsWithIndex function: the engine over one partition's records, reporting
     how far it is to the driver's ProgressBoard at `progress_to` (address, pass id)."""
@@ -556,7 +547,7 @@ def _feature_rows(net, keys, blobs, label):
             )
         labels = lab.reshape(n).tolist()
     for i, key in enumerate(keys):
-        row = [_key_text(key)] + [a[i].tolist() for a in arrays]
+        row = [key_text(key)] + [a[i].tolist() for a in arrays]
         if labels is not None:
             row.append(float(labels[i]))
         yield tuple(row)

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zipfile
 
 log = logging.getLogger("caffeonspark")
 
@@ -823,3 +824,26 @@ def _reporter(address, rank):
             state["broken"] = True
 
     return send
+
+
+def ship_packages(spark):
+    """Send the engine and caffeonspark packages to the executors (sc.addPyFile), so a
+    cluster needs only the dependencies installed, not this project. CAFFEONSPARK_SHIP_CODE=0
+    skips it (the executors have the packages installed)."""
+    import caffeonspark
+    import engine
+
+    if os.environ.get("CAFFEONSPARK_SHIP_CODE", "1") == "0":
+        return
+    path = os.path.join(tempfile.mkdtemp(prefix="caffeonspark-code-"), "caffeonspark_code.zip")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for package in (engine, caffeonspark):
+            root = os.path.dirname(os.path.dirname(os.path.abspath(package.__file__)))
+            top = os.path.dirname(os.path.abspath(package.__file__))
+            for folder, dirs, files in os.walk(top):
+                dirs[:] = [d for d in dirs if d != "__pycache__"]
+                for name in files:
+                    if name.endswith((".py", ".proto")):
+                        full = os.path.join(folder, name)
+                        z.write(full, os.path.relpath(full, root))
+    spark.sparkContext.addPyFile(path)

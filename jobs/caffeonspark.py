@@ -14,8 +14,6 @@ flag.
 import logging
 import os
 import sys
-import tempfile
-import zipfile
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
@@ -23,30 +21,10 @@ if _REPO not in sys.path:
 
 from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource  # noqa: E402
 from caffeonspark.api import check_output, write_test_result  # noqa: E402
-from caffeonspark.launch import LaunchError  # noqa: E402
+from caffeonspark.launch import LaunchError, ship_packages  # noqa: E402
 from caffeonspark.sources import SourceError  # noqa: E402
 
 log = logging.getLogger("caffeonspark")
-
-
-def ship_packages(spark):
-    """Send the engine and caffeonspark packages to the executors (sc.addPyFile), so a
-    cluster needs only the dependencies installed, not this project."""
-    import caffeonspark
-    import engine
-
-    path = os.path.join(tempfile.mkdtemp(prefix="caffeonspark-code-"), "caffeonspark_code.zip")
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for package in (engine, caffeonspark):
-            root = os.path.dirname(os.path.dirname(os.path.abspath(package.__file__)))
-            top = os.path.dirname(os.path.abspath(package.__file__))
-            for folder, dirs, files in os.walk(top):
-                dirs[:] = [d for d in dirs if d != "__pycache__"]
-                for name in files:
-                    if name.endswith((".py", ".proto")):
-                        full = os.path.join(folder, name)
-                        z.write(full, os.path.relpath(full, root))
-    spark.sparkContext.addPyFile(path)
 
 
 def run(conf, spark):
@@ -95,8 +73,7 @@ def main(argv=None):
     spark = SparkSession.builder.appName("CaffeOnSpark").getOrCreate()
     conf.spark = spark
     try:
-        if os.environ.get("CAFFEONSPARK_SHIP_CODE", "1") != "0":
-            ship_packages(spark)
+        ship_packages(spark)
         return run(conf, spark)
     except (ConfigError, SourceError, LaunchError) as e:
         print(f"caffeonspark: {e}", file=sys.stderr)

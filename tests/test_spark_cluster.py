@@ -426,6 +426,51 @@ def test_write_features_parquet(spark, data, trained):
     assert rows == spark.read.parquet(uri).count() == 103
 
 
+def test_lmdb2dataframe_keeps_every_record(spark, data, trained, tmp_path, capsys):
+    """CaffeOnSpark's LMDB2DataFrame: each record one row (raw pixels, an encoded image,
+    float_data, a non-UTF-8 key), 3 partitions, a table that tests as the LMDB does."""
+    from test_spark_sources import mixed_records
+
+    from engine.data.lmdb_io import read_all
+
+    lmdb = tmp_path / "mixed_lmdb"
+    images, labels = digits(103, "test")
+    with LMDBWriter(str(lmdb)) as db:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            db.put(f"{i:08d}", array_to_datum(img[None], int(lab)).SerializeToString())
+        for key, datum in mixed_records():
+            db.put(key, datum.SerializeToString())
+    job = load_job("lmdb2dataframe")
+    table = tmp_path / "mixed.parquet"
+    args = job.parse(["-imageRoot", f"file:{lmdb}", "-output", str(table), "-lmdb_partitions", "3"])
+    assert job.run(args, spark) == 0
+    assert f"107 records of file://{lmdb} written to file:{table}" in capsys.readouterr().out
+    rows = {r.SampleID: r for r in spark.read.parquet(str(table)).collect()}
+    expected = {
+        key.decode() if key != b"\xff\x01" else key.hex(): caffe_pb2.Datum.FromString(v)
+        for key, v in read_all(str(lmdb))
+    }
+    assert sorted(rows) == sorted(expected) and len(rows) == 107
+    assert rows["00000007"].data == images[7].tobytes() and rows["00000007"].label == labels[7]
+    assert rows["png"].encoded and rows["float"].channels is None
+    with pytest.raises(ConfigError, match="mixed.parquet exists: remove it"):
+        job.run(args, spark)
+
+    # A data layer reads the table back: tested, it gives what the LMDB gives.
+    digits_table = tmp_path / "test.parquet"
+    args = job.parse(["-imageRoot", data["test"], "-output", str(digits_table)])
+    assert job.run(args, spark) == 0
+    model = str(trained["summary"].model)
+    results = []
+    for name, source in (("from_lmdb", data["test"]), ("from_table", digits_table)):
+        folder = tmp_path / name
+        folder.mkdir()
+        conf = Config(spark, conf=write_solver(folder, data["train"], source, 16), model=model)
+        results.append(CaffeOnSpark(spark).test(DataSource.get(conf, is_train=False)))
+    assert results[0]["accuracy"] == pytest.approx(results[1]["accuracy"], abs=1e-6)
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+
+
 def test_output_without_a_filesystem_fails_before_training(spark, data, tmp_path):
     solver = write_solver(tmp_path, data["train"], data["test"], 16)
     model = tmp_path / "lenet.caffemodel"

@@ -268,11 +268,11 @@ def test_text_format_roundtrip_of_embedded_solver(solver):
 # --- the spark-submit entry point --------------------------------------------------------
 
 
-def load_job():
-    """jobs/caffeonspark.py as a module (its name is the package's)."""
+def load_job(name="caffeonspark"):
+    """jobs/<name>.py as a module (jobs/caffeonspark.py has the package's name)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("cos_job", REPO / "jobs" / "caffeonspark.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_job", REPO / "jobs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from caffeonspark import Config, DataSource, SourceError
+from caffeonspark import Config, DataSource, SourceError, export
 from caffeonspark.api import run_inference
 from caffeonspark.config import TEST, TRAIN
 from caffeonspark.sources import as_data_layer, open_spec, rewrite_net
 from caffeonspark.sources.dataframe import (
+    OPTIONAL_COLUMNS,
     ArrowRecordSource,
     RowConverter,
     looks_encoded,
@@ -21,6 +22,7 @@ from caffeonspark.sources.dataframe import (
 )
 from caffeonspark.sources.lmdb import LMDBLocalizer
 from engine.data import LMDBWriter, array_to_datum
+from engine.data.datum import datum_to_array, encoded_datum
 from engine.net import Net
 from engine.proto import caffe_pb2
 
@@ -294,3 +296,42 @@ def test_driver_reads_a_shipped_lmdb_for_counts_and_key_ranges(lenet, spark_file
             lp.data_param.source = "absent_lmdb"
     with pytest.raises(SourceError, match=r"absent_lmdb not found .*absent_lmdb\.tgz"):
         DataSource.get(lenet["conf"], is_train=True)
+
+
+def mixed_records():
+    """(key, serialized Datum) of every kind an LMDB holds: raw pixels, an encoded image,
+    float_data, and a key that is not UTF-8."""
+    img = (np.arange(12, dtype=np.uint8) * 20).reshape(1, 3, 4)
+    floats = np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4)
+    return [
+        (b"raw", array_to_datum(img, 4)),
+        (b"png", encoded_datum(png(img[0]), 7)),
+        (b"float", array_to_datum(floats, 2)),
+        (b"\xff\x01", array_to_datum(img * 2, 0)),
+    ]
+
+
+def test_export_rows_read_back_as_the_same_records():
+    # LMDB2DataFrame's rows, read by the DataFrame source, give back every record unchanged.
+    conv = RowConverter(list(OPTIONAL_COLUMNS) + ["data", "label"], "table", None)
+    columns = ["SampleID", "label", "channels", "height", "width", "encoded", "data"]
+    for key, datum in mixed_records():
+        row = dict(zip(columns, export.datum_row(key, datum.SerializeToString(), "r")))
+        got_key, value = conv(row, 0)
+        got = caffe_pb2.Datum.FromString(value)
+        assert got_key == (key.hex().encode() if key == b"\xff\x01" else key)
+        assert got.label == datum.label and got.encoded == datum.encoded
+        np.testing.assert_array_equal(datum_to_array(got), datum_to_array(datum))
+    assert export.datum_row(
+        b"k", array_to_datum(np.zeros((1, 2, 2), np.uint8), 1).SerializeToString(), "r"
+    )[2:5] == (1, 2, 2)
+
+
+def test_export_refuses_what_no_data_layer_reads():
+    empty = caffe_pb2.Datum(channels=1, height=2, width=2, label=0).SerializeToString()
+    with pytest.raises(SourceError, match="r: a Datum of shape 1x2x2 with 0 data bytes"):
+        export.datum_row(b"k", empty, "r")
+    with pytest.raises(SourceError, match="r: not a valid Datum"):
+        export.datum_row(b"k", b"\xff\xff\xff", "r")
+    with pytest.raises(ValueError, match="base64 text"):
+        export.write_frame(None, "out", "json", 0)

@@ -113,6 +113,17 @@ class _SourceChooser:
         return DataSource.get(conf, isTraining)
 
 
+def key_text(key):
+    """A record's key as the SampleID of a table: its UTF-8 text, else its bytes in hex."""
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        key = bytes(key)
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            return key.hex()
+    return str(key)
+
+
 def describe_layer(layer, phase):
     return f"layer {layer.name!r} ({layer.type}, {caffe_pb2.Phase.Name(phase)})"
 

@@ -1,0 +1,91 @@
+"""A data source's records as a DataFrame, as CaffeOnSpark's LMDB2DataFrame tool made them:
+one row per record, in the source's order, in the columns a DataFrame source reads back, so an
+LMDB (or an image list) moves to Parquet with no record lost or changed.
+
+Columns: SampleID (the record's key), label, channels, height, width, encoded, data. Raw
+pixels keep their shape; an encoded image keeps its file's bytes; a Datum of float_data, which
+a byte column of pixels cannot hold, is kept whole (the DataFrame source parses it back).
+"""
+
+import shutil
+import tempfile
+
+from caffeonspark import storage
+from caffeonspark.sources import SourceError, key_text, open_spec
+from engine.data.datum import DatumError, parse_datum
+from engine.proto import caffe_pb2
+
+SCHEMA = (
+    "SampleID string, label int, channels int, height int, width int, encoded boolean, data binary"
+)
+# Formats that keep the data column as bytes (JSON would turn them into base64 text).
+FORMATS = ("parquet", "orc")
+
+
+def datum_row(key, value, what):
+    """(SampleID, label, channels, height, width, encoded, data) of one serialized Datum."""
+    try:
+        datum = parse_datum(value, what)
+    except DatumError as e:
+        raise SourceError(str(e)) from None
+    sid = key_text(key)
+    if datum.encoded:
+        return (sid, datum.label, None, None, None, True, datum.data)
+    c, h, w = datum.channels, datum.height, datum.width
+    if len(datum.data) and len(datum.data) == c * h * w:
+        return (sid, datum.label, c, h, w, False, datum.data)
+    if len(datum.float_data) and len(datum.float_data) == c * h * w:
+        return (sid, datum.label, None, None, None, False, bytes(value))
+    raise SourceError(
+        f"{what}: a Datum of shape {c}x{h}x{w} with {len(datum.data)} data bytes and "
+        f"{len(datum.float_data)} float_data values: nothing a data layer could read"
+    )
+
+
+def _rows_task(localizer, num):
+    def task(index, items):
+        workdir = tempfile.mkdtemp(prefix=f"caffeonspark-export{index}-")
+        try:
+            source = open_spec(localizer(items, workdir, index, num))
+            try:
+                for key, value in source.one_pass():
+                    yield datum_row(key, value, f"{source.name}: record {key_text(key)!r}")
+            finally:
+                source.close()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    return task
+
+
+def source_frame(spark, source):
+    """A DataFrame of every record of `source` (a DataSource; its test / features
+    partitions), in its order."""
+    rdd, localizer = source.partitions(spark)
+    rows = rdd.mapPartitionsWithIndex(_rows_task(localizer, rdd.getNumPartitions()))
+    return spark.createDataFrame(rows, SCHEMA)
+
+
+def lmdb_source(conf, uri):
+    """A DataSource over the LMDB at `uri` alone (no net): a TEST Data layer reading it."""
+    from caffeonspark.sources.lmdb import LMDBDataSource
+
+    layer = caffe_pb2.LayerParameter(name=storage.basename(uri.rstrip("/")), type="Data")
+    layer.data_param.source = uri
+    layer.data_param.backend = caffe_pb2.DataParameter.LMDB
+    layer.data_param.batch_size = 1
+    return LMDBDataSource(conf, layer, caffe_pb2.TEST)
+
+
+def write_frame(df, uri, fmt, expected):
+    """Write `df` to `uri` in `fmt` and check the written table holds `expected` rows."""
+    if fmt not in FORMATS:
+        raise ValueError(
+            f"format {fmt!r}: use {' or '.join(FORMATS)} (JSON would store the images' bytes "
+            "as base64 text, which a data layer does not read back)"
+        )
+    df.write.mode("overwrite").format(fmt).save(uri)
+    written = df.sparkSession.read.format(fmt).load(uri).count()
+    if written != expected:
+        raise SourceError(f"{storage.shown(uri)}: wrote {written} rows, the source has {expected}")
+    return written
