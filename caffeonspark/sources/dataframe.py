@@ -24,22 +24,24 @@ _ARROW_BATCH = 512
 
 
 def table_format(path):
+    """The table format of a source path: by its suffix, else (a local folder) by the suffix
+    of the part files Spark wrote in it; None if neither tells."""
     path = path.rstrip("/")
     for suffix, fmt in TABLE_SUFFIXES.items():
         if path.endswith(suffix):
             return fmt
+    uri = storage.absolute(path)
+    if storage.is_local(uri) and os.path.isdir(storage.local_path(uri)):
+        for name in sorted(os.listdir(storage.local_path(uri))):
+            for suffix in (".parquet", ".orc"):
+                if name.endswith(suffix):
+                    return TABLE_SUFFIXES[suffix]
     return None
 
 
 def is_table_path(path):
-    """Whether a data_param.source names a table (by suffix, or a folder of .parquet parts)."""
-    if table_format(path):
-        return True
-    uri = storage.absolute(path)
-    if storage.is_local(uri):
-        local = storage.local_path(uri)
-        return os.path.isdir(local) and any(n.endswith(".parquet") for n in os.listdir(local))
-    return False
+    """Whether a data_param.source names a table (by suffix, or a folder of table parts)."""
+    return table_format(path) is not None
 
 
 class DataFrameSource(DataSource):
