@@ -15,7 +15,6 @@ import shutil
 import tempfile
 import time
 import uuid
-import weakref
 
 import numpy as np
 
@@ -74,23 +73,7 @@ class CaffeOnSpark:
         del sqlContext  # CaffeOnSpark 0.x's second argument: the session has what it held
         self.spark = spark_session(spark)
         self.last_summary = None  # the TrainSummary of the latest train / trainWithValidation
-        self._progress = None  # a launch.ProgressBoard, started by the first test / features
-        self._close_progress = None
         _ensure_log_handler()
-
-    def close(self):
-        """Stop listening for test / features progress (a later pass starts a new listener).
-        A features DataFrame evaluated after this still runs; only its progress lines are
-        lost. Also done when the object is garbage-collected or leaves a `with` block."""
-        if self._close_progress is not None:
-            self._close_progress()
-        self._progress = self._close_progress = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     # --- training ------------------------------------------------------------------------------
     def train(self, source):
@@ -270,7 +253,7 @@ class CaffeOnSpark:
         _note_cpu_only(conf)
         model = sc.broadcast(storage.read_bytes(conf.model_uri, "model"))
         num = rdd.getNumPartitions()
-        board = self._progress_board(sc)
+        board = launch.progress_board(sc)
         pass_id = board.add(f"{mode} of {source.name}", num)
         task = _inference_task(
             net.SerializeToString(),
@@ -283,13 +266,6 @@ class CaffeOnSpark:
             (board.address, pass_id),
         )
         return rdd.mapPartitionsWithIndex(task)
-
-    def _progress_board(self, sc):
-        if self._progress is None:
-            self._progress = launch.ProgressBoard(sc)
-            # Its port closes with this object (or at close()), not at the interpreter's exit.
-            self._close_progress = weakref.finalize(self, self._progress.close)
-        return self._progress
 
     # --- writing -----------------------------------------------------------------------------
     @staticmethod

@@ -409,9 +409,8 @@ TASK_REPORT_EVERY_S = 2.0  # a task reports its record count at most this often
 
 class ProgressBoard:
     """The driver's view of test / features passes: each partition reports how many records it
-    has run; a line every PROGRESS_EVERY_S and one when every partition has finished. Lives as
-    long as its CaffeOnSpark: a features DataFrame is lazy and may run (or run again) long
-    after features() returned."""
+    has run; a line every PROGRESS_EVERY_S and one when every partition has finished. One per
+    Spark application (progress_board)."""
 
     def __init__(self, sc):
         self.passes = {}
@@ -436,6 +435,23 @@ class ProgressBoard:
     def close(self):
         self._server.shutdown()
         self._server.server_close()
+
+
+_board = {"app": None, "board": None}
+_board_lock = threading.Lock()
+
+
+def progress_board(sc):
+    """The driver's one ProgressBoard, shared by every CaffeOnSpark object of the Spark
+    application (a features DataFrame is lazy: it may run long after the object that made it
+    is gone); a new application (a new SparkContext) gets a new one, the old one closed."""
+    app = sc.applicationId
+    with _board_lock:
+        if _board["board"] is None or _board["app"] != app:
+            if _board["board"] is not None:
+                _board["board"].close()
+            _board.update(app=app, board=ProgressBoard(sc))
+        return _board["board"]
 
 
 class _PassProgress:

@@ -537,26 +537,20 @@ def _refused(address):
     return False
 
 
-def test_progress_listener_closes_with_its_caffeonspark():
-    import gc
-
-    from caffeonspark import CaffeOnSpark
-
-    class Session:  # what CaffeOnSpark keeps of a SparkSession until it runs something
-        read = sparkContext = None
-
+def test_one_progress_listener_per_application():
+    # Shared by every CaffeOnSpark object (a lazy features DataFrame may run after its object
+    # is gone); a new SparkContext's application gets a new one and the old port closes.
     sc = _FakeSparkContext()
-    with CaffeOnSpark(Session()) as cos:
-        board = cos._progress_board(sc)
-        assert cos._progress_board(sc) is board and not _refused(board.address)
-    assert _refused(board.address)
-    assert cos._progress_board(sc) is not board  # a later pass listens again
-    cos.close()
-    cos = CaffeOnSpark(Session())
-    address = cos._progress_board(sc).address
-    del cos
-    gc.collect()
-    assert _refused(address)
+    sc.applicationId = "app-1"
+    board = launch.progress_board(sc)
+    try:
+        assert launch.progress_board(sc) is board and not _refused(board.address)
+        sc.applicationId = "app-2"
+        again = launch.progress_board(sc)
+        assert again is not board and _refused(board.address)
+    finally:
+        launch.progress_board(sc).close()
+        launch._board.update(app=None, board=None)
 
 
 def test_record_reporter_throttles_but_always_sends_the_final_count(monkeypatch):
