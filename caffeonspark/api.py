@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -111,6 +112,7 @@ class CaffeOnSpark:
         threads = int(sc.getConf().get("spark.task.cpus", "1"))
         job = dict(self._job(conf, validation, ranks), threads=threads)
         _note_cpu_only(conf)
+        _note_local_model(sc, conf)
         log.info(
             "training %s on %d rank(s) (%d executor(s) x %d device(s)), %s, model %s",
             conf.conf,
@@ -132,6 +134,7 @@ class CaffeOnSpark:
         # heard the earlier iterations' validation.
         validation = monitor.validation
         validation.update((row["iteration"], row) for row in lead["validation"])
+        _check_model_seen(lead["model"], lead.get("host"))
         summary = TrainSummary(
             model=lead["model"],
             ranks=ranks,
@@ -360,6 +363,35 @@ def _note_cpu_only(conf):
     if sp.HasField("solver_mode") and sp.solver_mode == sp.GPU:
         log.warning(
             "%s: solver_mode GPU, but the workers of this version compute on the CPU", conf.conf
+        )
+
+
+def _note_local_model(sc, conf):
+    """Warn when -model is a path on local disks and the executors may be other machines:
+    rank 0 writes the model and snapshots on its own host (fine where every host shares the
+    path, e.g. NFS; lost to the driver otherwise)."""
+    master = launch.spark_master(sc)
+    if storage.is_local(conf.model_uri) and not master.startswith("local"):
+        log.warning(
+            "-model %s is a local path and the master is %s: rank 0 writes the model and its "
+            "snapshots on its executor's own disk, which the driver and later jobs see only if "
+            "every host shares that path; otherwise use hdfs:// (or s3://)",
+            storage.shown(conf.model_uri),
+            master,
+        )
+
+
+def _check_model_seen(model, host):
+    """After training: say where the model is when rank 0 wrote it on a local path that this
+    driver does not see (another host's disk)."""
+    if storage.is_local(model) and not os.path.exists(storage.local_path(model)):
+        log.warning(
+            "rank 0 wrote the model on host %s at %s, a path this driver (host %s) does not "
+            "see: copy it from there, and give -model an hdfs:// (or s3://) URI or a shared "
+            "path next time",
+            host,
+            storage.shown(model),
+            socket.gethostname(),
         )
 
 

@@ -95,16 +95,16 @@ class Channel:
 # --- the driver side ------------------------------------------------------------------------
 
 
-def _master(sc):
+def spark_master(sc):
     return sc.getConf().get("spark.master", "")
 
 
 def _expected_executors(sc):
     conf = sc.getConf()
-    m = re.match(r"local-cluster\[\s*(\d+)\s*,", _master(sc))
+    m = re.match(r"local-cluster\[\s*(\d+)\s*,", spark_master(sc))
     if m:
         return int(m.group(1))
-    if _master(sc).startswith("local"):
+    if spark_master(sc).startswith("local"):
         return 1
     n = conf.get("spark.executor.instances", None)
     return int(n) if n else None
@@ -112,7 +112,7 @@ def _expected_executors(sc):
 
 def executor_count(sc):
     """Executors registered with the driver (the driver itself in local mode)."""
-    if _master(sc).startswith("local") and not _master(sc).startswith("local-cluster"):
+    if spark_master(sc).startswith("local") and not spark_master(sc).startswith("local-cluster"):
         return 1
     try:
         return max(0, sc._jsc.sc().getExecutorMemoryStatus().size() - 1)
@@ -151,7 +151,7 @@ def wait_for_executors(sc, timeout):
 def cluster_size(sc, conf):
     """The number of executors to train on: -clusterSize, or every executor the cluster
     has; fails fast when the cluster cannot run that many tasks at once."""
-    master = _master(sc)
+    master = spark_master(sc)
     dynamic = sc.getConf().get("spark.dynamicAllocation.enabled", "false").lower() == "true"
     if dynamic and not (master == "local" or master.startswith("local[")):
         raise LaunchError(
@@ -163,7 +163,7 @@ def cluster_size(sc, conf):
     size = conf.clusterSize or have
     if size < 1:
         raise LaunchError(
-            f"the cluster has no executors (master {_master(sc)}) after waiting "
+            f"the cluster has no executors (master {spark_master(sc)}) after waiting "
             f"{conf.executorWaitTimeout:.0f} s"
         )
     tasks = size * conf.devices
@@ -173,7 +173,7 @@ def cluster_size(sc, conf):
         raise LaunchError(
             f"-clusterSize {size} x -devices {conf.devices} needs {tasks} concurrent tasks, but "
             f"the cluster has {have} executor(s) with {slots} task slot(s) in all "
-            f"(spark.task.cpus={cpus}, master {_master(sc)}); lower -clusterSize or add "
+            f"(spark.task.cpus={cpus}, master {spark_master(sc)}); lower -clusterSize or add "
             "executors"
         )
     return size
@@ -768,7 +768,7 @@ def make_barrier_task(job, localizers, timeouts, monitor_address, connection, th
                     result = m
                 else:
                     report(m)
-            yield json.dumps(result)
+            yield json.dumps(dict(result, host=host))
         except Exception as e:  # noqa: BLE001 - anything else: name the rank and host
             if isinstance(e, LaunchError):
                 error = e

@@ -597,3 +597,26 @@ def test_driver_ports_setting_is_checked(spec):
         return
     with pytest.raises(launch.LaunchError, match="expected ports such as 40100-40120"):
         launch._driver_ports(sc)
+
+
+def test_a_local_model_path_on_a_cluster_is_flagged(tmp_path, caplog):
+    import logging
+
+    from caffeonspark import Config, api
+
+    caplog.set_level(logging.WARNING, logger="caffeonspark")
+    local = Config(model=str(tmp_path / "m.caffemodel"))
+    api._note_local_model(_FakeSparkContext(**{"spark.master": "local-cluster[2,1,1024]"}), local)
+    api._note_local_model(_FakeSparkContext(**{"spark.master": "yarn"}), Config(model="hdfs:///m"))
+    assert not caplog.text
+    api._note_local_model(_FakeSparkContext(**{"spark.master": "yarn"}), local)
+    assert "m.caffemodel is a local path and the master is yarn" in caplog.text
+    caplog.clear()
+    # After training: rank 0's host wrote it where this driver cannot see it.
+    api._check_model_seen(local.model_uri, "node7")
+    assert "rank 0 wrote the model on host node7 at " in caplog.text
+    caplog.clear()
+    (tmp_path / "m.caffemodel").write_bytes(b"")
+    api._check_model_seen(local.model_uri, "node7")
+    api._check_model_seen("hdfs:///m/m.caffemodel", "node7")
+    assert not caplog.text
