@@ -863,3 +863,32 @@ def ship_packages(spark):
                         full = os.path.join(folder, name)
                         z.write(full, os.path.relpath(full, root))
     spark.sparkContext.addPyFile(path)
+
+
+def run_job(name, run):
+    """A spark-submit job's body: logging set up, a SparkSession named `name`, the code
+    shipped, run(spark) -> exit status; the project's own errors (bad flags, sources,
+    launch) print as one line `name: message` and exit 1. Spark stops at the end."""
+    from caffeonspark.config import ConfigError
+    from caffeonspark.sources import SourceError
+
+    job_logging()
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.appName(name).getOrCreate()
+    try:
+        ship_packages(spark)
+        return run(spark)
+    except (ConfigError, SourceError, LaunchError) as e:
+        print(f"{name.lower()}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        spark.stop()
+
+
+def job_logging():
+    """INFO lines on stderr for a job's driver (py4j's chatter left out)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s] %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("py4j").setLevel(logging.WARNING)

@@ -21,8 +21,7 @@ if _REPO not in sys.path:
 
 from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource  # noqa: E402
 from caffeonspark.api import check_output, write_test_result  # noqa: E402
-from caffeonspark.launch import LaunchError, ship_packages  # noqa: E402
-from caffeonspark.sources import SourceError  # noqa: E402
+from caffeonspark.launch import job_logging, run_job  # noqa: E402
 
 log = logging.getLogger("caffeonspark")
 
@@ -56,10 +55,7 @@ def run(conf, spark):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s] %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("py4j").setLevel(logging.WARNING)
+    job_logging()
     if any(a in ("-help", "--help", "-h") for a in argv):
         print(__doc__ + "\n" + Config.usage())
         return 0
@@ -68,18 +64,12 @@ def main(argv=None):
     except ConfigError as e:
         print(f"caffeonspark: {e}\n\n{Config.usage()}", file=sys.stderr)
         return 2
-    from pyspark.sql import SparkSession
 
-    spark = SparkSession.builder.appName("CaffeOnSpark").getOrCreate()
-    conf.spark = spark
-    try:
-        ship_packages(spark)
+    def body(spark):
+        conf.spark = spark
         return run(conf, spark)
-    except (ConfigError, SourceError, LaunchError) as e:
-        print(f"caffeonspark: {e}", file=sys.stderr)
-        return 1
-    finally:
-        spark.stop()
+
+    return run_job("CaffeOnSpark", body)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from caffeonspark import Config, ConfigError, SourceError, export, storage  # noqa: E402
+from caffeonspark import Config, ConfigError, export, storage  # noqa: E402
 from caffeonspark.api import check_output  # noqa: E402
-from caffeonspark.launch import ship_packages  # noqa: E402
+from caffeonspark.launch import run_job  # noqa: E402
 
 log = logging.getLogger("caffeonspark")
 
@@ -59,21 +59,7 @@ def run(args, spark):
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s] %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("py4j").setLevel(logging.WARNING)
-    from pyspark.sql import SparkSession
-
-    spark = SparkSession.builder.appName("LMDB2DataFrame").getOrCreate()
-    try:
-        ship_packages(spark)
-        return run(args, spark)
-    except (ConfigError, SourceError) as e:
-        print(f"lmdb2dataframe: {e}", file=sys.stderr)
-        return 1
-    finally:
-        spark.stop()
+    return run_job("LMDB2DataFrame", lambda spark: run(args, spark))
 
 
 if __name__ == "__main__":
