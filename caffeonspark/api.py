@@ -11,9 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
 import uuid
 
@@ -26,7 +24,7 @@ from caffeonspark.sources import (
     SourceError,
     SourceFactory,
     key_text,
-    open_spec,
+    partition_source,
     rewrite_net,
 )
 from caffeonspark.worker import metrics_file
@@ -461,24 +459,18 @@ def _inference_task(net_bytes, layer, model, mode, what, localizer, num, progres
     how far it is to the driver's ProgressBoard at `progress_to` (address, pass id)."""
 
     def task(index, items):
-        workdir = tempfile.mkdtemp(prefix=f"caffeonspark-{mode}{index}-")
         address, pass_id = progress_to or (None, None)
         progress = launch.record_reporter(address, pass_id, index)
         progress(0)
         try:
-            spec = localizer(items, workdir, index, num)
-            source = open_spec(spec)
-            try:
+            with partition_source(localizer, items, index, num, mode) as source:
                 if len(source):
                     yield from run_inference(
                         net_bytes, layer, model.value, source, mode, what, progress
                     )
                 progress(len(source), final=True)
-            finally:
-                source.close()
         finally:
             progress(None)
-            shutil.rmtree(workdir, ignore_errors=True)
 
     return task
 

@@ -7,11 +7,8 @@ pixels keep their shape; an encoded image keeps its file's bytes; a Datum of flo
 a byte column of pixels cannot hold, is kept whole (the DataFrame source parses it back).
 """
 
-import shutil
-import tempfile
-
 from caffeonspark import storage
-from caffeonspark.sources import SourceError, key_text, open_spec
+from caffeonspark.sources import SourceError, key_text, partition_source
 from engine.data.datum import DatumError, parse_datum
 from engine.proto import caffe_pb2
 
@@ -44,16 +41,9 @@ def datum_row(key, value, what):
 
 def _rows_task(localizer, num):
     def task(index, items):
-        workdir = tempfile.mkdtemp(prefix=f"caffeonspark-export{index}-")
-        try:
-            source = open_spec(localizer(items, workdir, index, num))
-            try:
-                for key, value in source.one_pass():
-                    yield datum_row(key, value, f"{source.name}: record {key_text(key)!r}")
-            finally:
-                source.close()
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+        with partition_source(localizer, items, index, num, "export") as source:
+            for key, value in source.one_pass():
+                yield datum_row(key, value, f"{source.name}: record {key_text(key)!r}")
 
     return task
 

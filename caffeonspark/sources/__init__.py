@@ -8,6 +8,10 @@ a local Arrow file). `open_spec(spec)` opens the spec as an engine RecordSource,
 engine's Data layer reads through `engine.layers.data_layers.set_source_factory`.
 """
 
+import contextlib
+import shutil
+import tempfile
+
 from caffeonspark import dialect
 from engine.proto import caffe_pb2
 
@@ -140,6 +144,21 @@ def open_spec(spec):
 
         return ArrowRecordSource(spec["path"], spec["name"])
     raise SourceError(f"unknown source spec kind {kind!r}")
+
+
+@contextlib.contextmanager
+def partition_source(localizer, items, index, num, what):
+    """The RecordSource of partition `index` of `num` in a task: localized into a temporary
+    folder (named for `what` and the partition), closed and removed after."""
+    workdir = tempfile.mkdtemp(prefix=f"caffeonspark-{what}{index}-")
+    try:
+        source = open_spec(localizer(items, workdir, index, num))
+        try:
+            yield source
+        finally:
+            source.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def as_data_layer(layer):

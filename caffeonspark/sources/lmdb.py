@@ -12,7 +12,7 @@ works the same way. hdfs:// and s3:// LMDBs are copied to the task's local dir.
 import os
 
 from caffeonspark import storage
-from caffeonspark.sources import DataSource, SourceError
+from caffeonspark.sources import DataSource, SourceError, partition_source
 from engine.data import lmdb_io
 from engine.data.sources import DataSourceError
 
@@ -174,14 +174,7 @@ def open_lmdb_spec(spec):
 
 def _count_task(localizer):
     def count(items):
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="caffeonspark-") as workdir:
-            spec = localizer(items, workdir, 0, 1)
-            source = open_lmdb_spec(spec)
-            try:
-                yield len(source)
-            finally:
-                source.close()
+        with partition_source(localizer, items, 0, 1, "count") as source:
+            yield len(source)
 
     return count
