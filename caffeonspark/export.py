@@ -74,7 +74,7 @@ def write_frame(df, uri, fmt, expected):
             f"format {fmt!r}: use {' or '.join(FORMATS)} (JSON would store the images' bytes "
             "as base64 text, which a data layer does not read back)"
         )
-    df.write.mode("overwrite").format(fmt).save(uri)
+    df.write.mode("error").format(fmt).save(uri)  # a table already there is never replaced
     written = df.sparkSession.read.format(fmt).load(uri).count()
     if written != expected:
         raise SourceError(f"{storage.shown(uri)}: wrote {written} rows, the source has {expected}")
