@@ -46,6 +46,8 @@ class Worker:
         self.local_rank, self.local_size = 0, 1
         self.validation_rows = []
         self.snapshots = []
+        self.retry = None
+        self.run_start = 0
         # True while the solver is built from the job's own files (prototxt, sources, -weights,
         # -snapshot): a failure then is the job's, and a stage retry would fail the same way.
         self.setting_up = False
@@ -75,6 +77,7 @@ class Worker:
         comm = self.join(float(self.job["rendezvous_timeout"]))
         self.send("joined")
         self.setting_up = True
+        self.retry = self.find_retry(comm)
         solver = self.build_solver()
         self.initial_state(solver, comm)
         summary = self.train(solver, comm)
@@ -174,6 +177,8 @@ class Worker:
         from engine.solvers import get_solver
 
         job = self.job
+        param = self.solver_param()
+        consumed = records_consumed(param, job, *(self.retry[1:] if self.retry else (0, 0)))
         factory = SourceFactory()
         opened = [(job["train_layer"], caffe_pb2.TRAIN, job["specs"]["0"])]
         if job.get("validation_layer") is not None:
@@ -185,9 +190,21 @@ class Worker:
                     f"rank {self.rank}: its shard of {spec['name']} is empty (the source has "
                     f"fewer records than the {self.size} ranks)"
                 )
+            skip = consumed[phase] % len(source)
+            if skip:
+                # A stage retry goes on where the failed attempt's data stood at its snapshot.
+                log.info("rank %d: %s goes on at record %d of its shard", self.rank, layer, skip)
+                source.skip(skip)
             factory.add(layer, phase, source)
         factory.install()
-        return get_solver(self.solver_param())
+        return get_solver(param)
+
+    def find_retry(self, comm):
+        """(state URI, iteration, the run's first iteration) of this run's newest snapshot
+        when Spark retries the stage, else None: rank 0 reads the run's record and tells the
+        other ranks."""
+        found = retry_snapshot(self.job) if self.rank == 0 else None
+        return comm.bcast_object(found)
 
     def initial_state(self, solver, comm):
         """Rank 0 resumes / fine-tunes; then weights, history and iteration are broadcast."""
@@ -199,6 +216,8 @@ class Worker:
         solver.iter, solver.current_step = comm.bcast_object(
             (solver.iter, solver.current_step) if self.rank == 0 else None
         )
+        # The iteration this run began at (kept through retries): where its data started.
+        self.run_start = self.retry[2] if self.retry else int(solver.iter)
         weights = FlatBuffer(solver.net.learnable_params)
         if self.rank == 0:
             weights.gather_data()
@@ -217,7 +236,7 @@ class Worker:
 
         job = self.job
         state = job.get("snapshot")
-        retry = retry_snapshot(job)
+        retry = self.retry[0] if self.retry else None
         if retry:
             log.info(
                 "stage retry: resuming from this run's newest snapshot %s", storage.shown(retry)
@@ -402,7 +421,12 @@ class Worker:
         self.snapshots.append(state_uri)
         # The name only: the folder's URI may carry credentials, which stay out of files.
         name = os.path.basename(state_file)
-        record = {"run": self.job.get("run_id"), "iter": int(solver.iter), "state": name}
+        record = {
+            "run": self.job.get("run_id"),
+            "iter": int(solver.iter),
+            "state": name,
+            "start": self.run_start,
+        }
         storage.write_bytes(snapshot_record(self.job), json.dumps(record).encode("utf-8"))
         self.send("snapshot", path=storage.shown(state_uri), iter=int(solver.iter))
         return model_uri, state_uri
@@ -426,8 +450,9 @@ def metrics_file(job):
 
 
 def retry_snapshot(job):
-    """The newest snapshot written by this very run (same run_id), when Spark retries the
-    stage after a failure; None on a first attempt."""
+    """(state URI, its iteration, the iteration the run began at) of the newest snapshot
+    written by this very run (same run_id), when Spark retries the stage after a failure;
+    None on a first attempt."""
     from caffeonspark import storage
 
     if not job.get("run_id"):
@@ -441,7 +466,35 @@ def retry_snapshot(job):
     if record.get("run") != job["run_id"] or not name:
         return None
     state = storage.join(job["snapshot_dir"], name)
-    return state if storage.exists(state) else None
+    if not storage.exists(state):
+        return None
+    return state, int(record.get("iter", 0)), int(record.get("start", 0))
+
+
+def records_consumed(param, job, iteration, start):
+    """Records each rank's train and validation data layers have read when a run that began
+    at iteration `start` stands at `iteration` ({phase: count}): iter_size batches per
+    iteration, test_iter batches per test run (at every test_interval from `start` on, but
+    iteration 0 only with test_initialization; Caffe tests at once after a restore).
+    A stage retry skips that many (modulo its shard) to read what the failed attempt would
+    have read next; Caffe's own restore (and -snapshot) starts its data afresh instead."""
+    from caffeonspark.sources import fed_layer
+    from engine.proto import caffe_pb2
+
+    train_net = param.train_net_param if param.HasField("train_net_param") else param.net_param
+    batch = fed_layer(train_net, job["train_layer"], caffe_pb2.TRAIN).data_param.batch_size
+    steps = iteration - start
+    out = {caffe_pb2.TRAIN: steps * max(1, param.iter_size) * batch, caffe_pb2.TEST: 0}
+    interval = param.test_interval
+    if job.get("validation_layer") is not None and interval > 0 and steps > 0:
+        # test runs at the multiples of interval in [start, iteration)
+        runs = -(-iteration // interval) - -(-start // interval)
+        if start == 0 and not param.test_initialization:
+            runs -= 1
+        test_net = param.test_net_param[0] if len(param.test_net_param) else param.net_param
+        layer = fed_layer(test_net, job["validation_layer"], caffe_pb2.TEST)
+        out[caffe_pb2.TEST] = runs * param.test_iter[0] * layer.data_param.batch_size
+    return out
 
 
 def latest_snapshot(folder, stem):

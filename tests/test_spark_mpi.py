@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 from s3server import SECRET, local_s3
+from test_spark_cluster import model_weights
 
 from caffeonspark import launch, storage, worker
 from caffeonspark.comm import FlatBuffer, flat_arrays
@@ -256,8 +257,48 @@ def test_stage_retry_resumes_from_the_runs_newest_snapshot(tmp_path):
     _, done, log = _drive(again, tmp_path)  # a retry of run-a: continues at iteration 4
     assert (done["start_iter"], done["iterations"]) == (4, 2)
     assert "stage retry: resuming" in log
-    _, done, _ = _drive(dict(again, run_id="run-b"), tmp_path)  # another run starts afresh
+    # 4 batches of 8 of the 40 records were read before the snapshot: the retry reads on
+    # from there, so it ends where an uninterrupted 6-iteration run ends.
+    assert "mnist goes on at record 32 of its shard" in log
+    retried = model_weights(again["model"])
+    whole_dir = tmp_path / "whole"
+    whole_dir.mkdir()
+    whole = dict(_job(whole_dir, max_iter=6), run_id="run-w")
+    _drive(whole, whole_dir)
+    for name, w in model_weights(whole["model"]).items():
+        np.testing.assert_array_equal(retried[name], w, err_msg=name)
+    _, done, log = _drive(dict(again, run_id="run-b"), tmp_path)  # another run starts afresh
     assert (done["start_iter"], done["iterations"]) == (0, 6)
+    assert "goes on at record" not in log
+
+
+def _counting_solver(**fields):
+    sp = caffe_pb2.SolverParameter(**fields)
+    text_format.Parse((REPO / "conf/lenet/lenet_train_test.prototxt").read_text(), sp.net_param)
+    for lp in sp.net_param.layer:
+        if lp.type == "Data":
+            train = lp.include[0].phase == caffe_pb2.TRAIN
+            lp.data_param.batch_size = 8 if train else 5
+    return sp
+
+
+@pytest.mark.parametrize(
+    ("fields", "iteration", "start", "train", "test"),
+    [
+        ({}, 7, 0, 56, 0),  # no validation layer: test runs do not count
+        ({"test_interval": 3, "test_iter": [2]}, 7, 0, 56, 30),  # tests at 0, 3, 6
+        ({"test_interval": 3, "test_iter": [2], "test_initialization": False}, 7, 0, 56, 20),
+        ({"test_interval": 3, "test_iter": [2], "iter_size": 2}, 6, 0, 96, 20),  # at 0, 3
+        ({"test_interval": 3, "test_iter": [2]}, 10, 5, 40, 20),  # resumed at 5: tests at 6, 9
+        ({"test_interval": 3, "test_iter": [2]}, 10, 6, 32, 20),  # at 6 (after a restore), 9
+    ],
+)
+def test_records_a_retry_skips(fields, iteration, start, train, test):
+    validation = "mnist" if "test_iter" in fields else None
+    job = {"train_layer": "mnist", "validation_layer": validation}
+    sp = _counting_solver(**fields)
+    got = worker.records_consumed(sp, job, iteration, start)
+    assert got == {caffe_pb2.TRAIN: train, caffe_pb2.TEST: test}
 
 
 def test_snapshots_and_model_on_s3_and_a_retry_resumes_from_there(tmp_path):
@@ -272,7 +313,7 @@ def test_snapshots_and_model_on_s3_and_a_retry_resumes_from_there(tmp_path):
         assert kinds.count("snapshot") == 2 and done["iterations"] == 4
         assert s3.names("runs") == FOUR_ITERATIONS_SNAPSHOT_EVERY_2
         record = json.loads(storage.read_bytes(s3.uri("runs/m_snapshots.json")))
-        assert record == {"run": "run-s3", "iter": 4, "state": "m_iter_4.solverstate"}
+        assert record == {"run": "run-s3", "iter": 4, "state": "m_iter_4.solverstate", "start": 0}
         assert done["snapshots"][-1] == s3.uri("runs/m_iter_4.solverstate")
         assert SECRET not in log
         state = caffe_pb2.SolverState.FromString(

@@ -1,7 +1,7 @@
 """Fault tolerance on a real local Spark cluster: a training worker killed mid-run fails the
-barrier stage, Spark retries it, and the retry resumes from the run's newest snapshot. The
-snapshots fall on the shards' epoch boundaries, so the retry sees the data an uninterrupted run
-sees and must end with its weights."""
+barrier stage, Spark retries it, and the retry resumes from the run's newest snapshot. Its data
+goes on from the records the failed attempt had read (the snapshots fall inside the shards'
+epochs), so the retry sees the data an uninterrupted run sees and must end with its weights."""
 
 import json
 import os
@@ -65,9 +65,9 @@ def kill_when(path, rank, killed, stop):
 
 
 def test_killed_worker_stage_retry_resumes_from_the_newest_snapshot(spark, tmp_path, caplog):
-    images, labels = digits(160)  # two shards of 80 = 5 batches of 16: snapshots at 0 mod 5
+    images, labels = digits(168)  # two shards of 84 = 5.25 batches of 16
     train = write_lmdb(tmp_path / "train_lmdb", images, labels)
-    test = write_lmdb(tmp_path / "test_lmdb", *digits(20, "test"))
+    test = write_lmdb(tmp_path / "test_lmdb", *digits(26, "test"))  # 13 a rank, batches of 10
     runs = {}
     for name in ("whole", "killed"):
         folder = tmp_path / name

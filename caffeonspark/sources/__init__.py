@@ -185,22 +185,32 @@ def rewrite_net(net_param, layer_name, phase, batch_size=None, prefetch=None):
     ImageData turned into Data, batch size / prefetch overridden when given."""
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
-    found = False
-    for i, lp in enumerate(out.layer):
-        if lp.name != layer_name or lp.type not in ("Data", "ImageData"):
-            continue
-        if not _layer_in_phase(lp, phase, out.state):
-            continue
-        new = as_data_layer(lp)
+    for i in _fed_indices(out, layer_name, phase):
+        new = as_data_layer(out.layer[i])
         if batch_size is not None:
             new.data_param.batch_size = int(batch_size)
         if prefetch is not None:
             new.data_param.prefetch = int(prefetch)
         out.layer[i].CopyFrom(new)
-        found = True
+    return out
+
+
+def fed_layer(net_param, layer_name, phase):
+    """The Data / ImageData layer `layer_name` of `net_param` in `phase` (the first one)."""
+    return net_param.layer[_fed_indices(net_param, layer_name, phase)[0]]
+
+
+def _fed_indices(net_param, layer_name, phase):
+    found = [
+        i
+        for i, lp in enumerate(net_param.layer)
+        if lp.name == layer_name
+        and lp.type in ("Data", "ImageData")
+        and _layer_in_phase(lp, phase, net_param.state)
+    ]
     if not found:
         raise SourceError(f"net {net_param.name!r} has no data layer {layer_name!r}")
-    return out
+    return found
 
 
 def _layer_in_phase(lp, phase, state):
@@ -239,6 +249,7 @@ __all__ = [
     "SourceFactory",
     "as_data_layer",
     "describe_layer",
+    "fed_layer",
     "open_spec",
     "rewrite_net",
 ]
