@@ -35,7 +35,9 @@ log = logging.getLogger("caffeonspark")
 
 @dataclasses.dataclass
 class TrainSummary:
-    """What a training run did: where the model is, how fast it went, what it reported."""
+    """What a training run did: where the model is, how fast it went, what it reported.
+    `iterations` and the speed figures are the last stage attempt's; `losses` (the smoothed
+    loss of every iteration) and `validation` cover the whole run, earlier attempts included."""
 
     model: str
     ranks: int
@@ -129,9 +131,12 @@ class CaffeOnSpark:
             first = monitor.first_iteration_at
         lead = min(results, key=lambda r: r["rank"])
         # After a stage retry the last attempt reports from where it resumed; the monitor
-        # heard the earlier iterations' validation.
+        # heard the earlier iterations' validation and losses.
         validation = monitor.validation
         validation.update((row["iteration"], row) for row in lead["validation"])
+        losses = monitor.losses
+        resumed_at = lead["final_iter"] - lead["iterations"]
+        losses.update(zip(range(resumed_at, lead["final_iter"]), lead["losses"]))
         _check_model_seen(lead["model"], lead.get("host"))
         summary = TrainSummary(
             model=lead["model"],
@@ -148,7 +153,7 @@ class CaffeOnSpark:
             startup_s=(first - started) if first is not None else float("nan"),
             snapshots=lead["snapshots"],
             validation=[validation[i] for i in sorted(validation)],
-            losses=lead["losses"],
+            losses=[losses[i] for i in sorted(losses)],
         )
         log.info(
             "trained %d iterations (%d to %d) on %d rank(s): loss %.4g, %.0f images/s, "

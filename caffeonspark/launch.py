@@ -252,6 +252,7 @@ class Monitor:
         self.sc = sc
         self.metrics_uri = metrics
         self.metrics = []  # the events of METRIC_KINDS as received, + time and attempt
+        self._losses = {}  # iteration -> rank 0's loss, from progress and snapshot messages
         self.ranks = ranks
         self.rendezvous_timeout = rendezvous_timeout
         self.idle_timeout = idle_timeout
@@ -329,6 +330,10 @@ class Monitor:
                 self.joined.add(m.get("rank"))
             elif kind == "progress" and self.first_iteration_at is None:
                 self.first_iteration_at = time.monotonic()
+            if "losses" in m:  # kept apart: the metrics file has the displayed losses only
+                m = dict(m)
+                first, values = int(m.pop("losses_from")), m.pop("losses")
+                self._losses.update(zip(range(first, first + len(values)), values))
             if kind in self.METRIC_KINDS:
                 self.metrics.append(dict(m, time=round(time.time(), 3), attempt=self.attempt))
         if retrying:
@@ -366,6 +371,12 @@ class Monitor:
             log.info("All %d ranks joined the MPI communicator", self.ranks)
         elif kind == "warning":
             log.warning("rank %s: %s", m.get("rank"), m.get("message"))
+
+    @property
+    def losses(self):
+        """iteration -> loss over every attempt of the stage (the latest wins)."""
+        with self._lock:
+            return dict(self._losses)
 
     @property
     def validation(self):

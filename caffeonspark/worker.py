@@ -276,6 +276,7 @@ class Worker:
         display = int(solver.param.display)
         self.loss = float("nan")
         self.losses = []
+        self.start_iter, self._losses_sent = start_iter, 0
         log.info(
             "rank %d: %d parameters in %d blobs (%.1f MB all-reduced per iteration, %d blobs "
             "computed in place in the buffer), batch %d per rank",
@@ -349,7 +350,13 @@ class Worker:
                 wait_ms=1e3 * sum(wait_times[-n:]) / n,
             )
         last.update(t=now, iter=s.iter)
-        self.send("progress", **message)
+        self.send("progress", **message, **self._new_losses())
+
+    def _new_losses(self):
+        """The losses not yet sent to the driver (rank 0's progress and snapshot messages
+        carry them, so that the run's loss curve outlives a failed attempt)."""
+        sent, self._losses_sent = self._losses_sent, len(self.losses)
+        return {"losses_from": self.start_iter + sent, "losses": self.losses[sent:]}
 
     def summary(self, start_iter, end_iter, stamps, reduce_times, wait_times, per_rank):
         n = len(stamps)
@@ -428,7 +435,9 @@ class Worker:
             "start": self.run_start,
         }
         storage.write_bytes(snapshot_record(self.job), json.dumps(record).encode("utf-8"))
-        self.send("snapshot", path=storage.shown(state_uri), iter=int(solver.iter))
+        self.send(
+            "snapshot", path=storage.shown(state_uri), iter=int(solver.iter), **self._new_losses()
+        )
         return model_uri, state_uri
 
 

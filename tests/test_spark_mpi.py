@@ -499,6 +499,11 @@ def test_monitor_follows_a_stage_retry(caplog):
 
             send({"kind": "barrier", "rank": 0}, {"kind": "barrier", "rank": 1})
             send({"kind": "joined", "rank": 0}, {"kind": "joined", "rank": 1})
+            line = {"kind": "progress", "rank": 0, "max_iter": 9, "loss": 2.0, "lr": 0.1}
+            send(dict(line, iter=3, losses_from=0, losses=[4.0, 3.0, 2.5, 2.0]))
+            snap = {"kind": "snapshot", "rank": 0, "path": "/m/x_iter_5.solverstate", "iter": 5}
+            send(dict(snap, losses_from=4, losses=[1.9]))
+            send(dict(line, iter=6, losses_from=5, losses=[1.8, 1.7]))  # lost with attempt 1
             send({"kind": "failed", "rank": 1, "message": "rank 1 on h: worker exited (status -9)"})
             send({"kind": "failed", "rank": 0, "message": "rank 0 on h: MPI error"})
             send({"kind": "barrier", "rank": 0})  # attempt 2: rank 1 is slow to come back
@@ -515,9 +520,13 @@ def test_monitor_follows_a_stage_retry(caplog):
                 }
             )
             send({"kind": "validation", "rank": 0, "iteration": 0, "outputs": {"accuracy": 0.5}})
+            send(dict(line, iter=5, losses_from=5, losses=[1.85]))  # attempt 2 from iteration 5
             time.sleep(0.3)
         assert monitor.attempt == 2 and not sc.cancelled
         assert monitor.validation == {0: {"iteration": 0, "outputs": {"accuracy": 0.5}}}
+        # The run's losses: attempt 1's up to the retry's snapshot, then attempt 2's.
+        assert monitor.losses == {0: 4.0, 1: 3.0, 2: 2.5, 3: 2.0, 4: 1.9, 5: 1.85, 6: 1.7}
+        assert not any("losses" in r for r in monitor.metrics)  # the displayed loss only
     log = caplog.text
     assert "rank 1 failed: rank 1 on h: worker exited (status -9)" in log
     assert log.count("the train stage failed (attempt 1)") == 1  # once, for the first failure

@@ -106,6 +106,9 @@ def test_killed_worker_stage_retry_resumes_from_the_newest_snapshot(spark, tmp_p
         assert a.accuracy == pytest.approx(b.accuracy, abs=1e-6)
         assert a.loss == pytest.approx(b.loss, rel=1e-4, abs=1e-6)
     assert whole.iterations == whole.final_iter == 300
+    # The loss of every iteration, the failed attempt's included, as the uninterrupted run's.
+    assert len(retried.losses) == len(whole.losses) == 300
+    np.testing.assert_allclose(retried.losses, whole.losses, rtol=1e-4, atol=1e-6)
     log = caplog.text  # what the driver showed about the failure and the retry
     assert re.search(r"rank 1 failed: rank 1 on .*: worker exited \(status -9\)", log)
     assert "the train stage failed (attempt 1); Spark retries it" in log
