@@ -358,6 +358,17 @@ class Monitor:
                     self.attempt,
                     attempts,
                 )
+        elif kind == "spilling":
+            rate = m["items"] / m["seconds"] if m["seconds"] > 0 else 0.0
+            log.info(
+                "rank %s: %d rows of its shard read so far (%.0f/s, %.0f s), still spilling",
+                m.get("rank"),
+                m["items"],
+                rate,
+                m["seconds"],
+            )
+        elif kind == "spilled":
+            log.info("rank %s on %s: %s", m.get("rank"), m.get("host"), format_spilled(m))
         elif kind == "resumed":
             how = "stage retry: resuming" if m.get("retry") else "resuming"
             log.info("%s from %s at iteration %d", how, m["path"], m["iter"])
@@ -415,6 +426,7 @@ class Monitor:
 
 
 PROGRESS_EVERY_S = 10.0  # a driver line per pass at most this often (and one at the end)
+SPILL_REPORT_EVERY_S = 10.0  # a training task reports its data spill at most this often
 TASK_REPORT_EVERY_S = 2.0  # a task reports its record count at most this often
 
 
@@ -530,6 +542,18 @@ def _fmt(v):
     if isinstance(v, list):
         return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
     return f"{v:.6g}"
+
+
+def format_spilled(m):
+    """What a training task's data came to: records per shard (when known) and the time."""
+    names = {"0": "training", "1": "validation"}
+    parts = [
+        f"{count} {names.get(tag, tag)} records"
+        for tag, count in sorted(m.get("records", {}).items())
+        if count is not None
+    ]
+    counted = f" ({', '.join(parts)})" if parts else ""
+    return f"its data is ready{counted} after {m['seconds']:.1f} s"
 
 
 def format_progress(m):
@@ -744,7 +768,17 @@ def make_barrier_task(job, localizers, timeouts, monitor_address, connection, th
         report = _reporter(monitor_address, rank)
         worker = None
         try:
-            specs = _localize(items, localizers, workdir, rank, job["size"])
+            spill_started = time.monotonic()
+            counted = _counting(items, report, SPILL_REPORT_EVERY_S)
+            specs = _localize(counted, localizers, workdir, rank, job["size"])
+            report(
+                {
+                    "kind": "spilled",
+                    "host": host,
+                    "seconds": time.monotonic() - spill_started,
+                    "records": {tag: spec.get("count") for tag, spec in specs.items()},
+                }
+            )
             env, warning = worker_env(threads, connection)
             if warning:
                 report({"kind": "warning", "message": warning})
@@ -798,6 +832,20 @@ def make_barrier_task(job, localizers, timeouts, monitor_address, connection, th
             shutil.rmtree(workdir, ignore_errors=True)
 
     return task
+
+
+def _counting(items, report, every_s):
+    """`items`, passed through, reporting {"kind": "spilling", "items": n, "seconds": t} at
+    most every `every_s` s: a large DataFrame shard takes minutes to spill before training
+    can start, and the driver should say so meanwhile."""
+    started = last = time.monotonic()
+    n = 0
+    for n, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            report({"kind": "spilling", "items": n, "seconds": now - started})
 
 
 def _localize(items, localizers, workdir, rank, size):

@@ -565,7 +565,7 @@ def png_bytes(img):
     return buf.getvalue()
 
 
-def test_dataframe_source_train_and_features(spark, data, trained):
+def test_dataframe_source_train_and_features(spark, data, trained, caplog):
     folder = data["root"] / "frame"
     folder.mkdir()
     images, labels = digits(45, "test")
@@ -584,6 +584,12 @@ def test_dataframe_source_train_and_features(spark, data, trained):
     source = DataSource.get(conf, is_train=False)
     validation = cos.trainWithValidation(DataSource.get(conf, is_train=True), source)
     assert [r.iteration for r in validation.collect()] == [0, 3]
+    # Each task spilled its two shards (45 rows = 23 + 22) before training, and said so.
+    ready = re.findall(
+        r"rank (\d) on .*: its data is ready \((\d+) training records, (\d+) validation",
+        caplog.text,
+    )
+    assert sorted(ready) == [("0", "23", "23"), ("1", "22", "22")]
     assert os.path.isfile(folder / "lenet.caffemodel")
     assert source.kind == "dataframe"
     feats = cos.features(source).collect()

@@ -535,6 +535,51 @@ def test_monitor_follows_a_stage_retry(caplog):
     assert "stage retry: resuming from /m/x_iter_5.solverstate at iteration 5" in log
 
 
+def test_a_long_spill_is_reported_while_it_runs():
+    reports = []
+    items = launch._counting(iter(range(5)), reports.append, every_s=0.0)
+    assert list(items) == [0, 1, 2, 3, 4]  # passed through whole
+    assert [r["items"] for r in reports] == [1, 2, 3, 4, 5]
+    assert all(r["kind"] == "spilling" and r["seconds"] >= 0 for r in reports)
+    reports.clear()
+    assert list(launch._counting(iter(range(5)), reports.append, every_s=60.0)) == [0, 1, 2, 3, 4]
+    assert reports == []  # a quick spill says nothing until it is done
+
+
+def test_monitor_shows_the_tasks_spill(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="caffeonspark")
+    with launch.Monitor(_FakeSparkContext(), 2, 100, 100) as monitor:
+        with socket.create_connection(monitor.address) as s:
+            for m in (
+                {"kind": "spilling", "rank": 1, "items": 250000, "seconds": 10.0},
+                {
+                    "kind": "spilled",
+                    "rank": 1,
+                    "host": "h1",
+                    "seconds": 12.5,
+                    "records": {"0": 300000, "1": 2000},
+                },
+                {
+                    "kind": "spilled",
+                    "rank": 0,
+                    "host": "h0",
+                    "seconds": 0.2,
+                    "records": {"0": None},
+                },
+            ):
+                s.sendall((json.dumps(m) + "\n").encode())
+            time.sleep(0.3)
+    log = caplog.text
+    assert "rank 1: 250000 rows of its shard read so far (25000/s, 10 s), still spilling" in log
+    assert (
+        "rank 1 on h1: its data is ready (300000 training records, 2000 validation records) "
+        "after 12.5 s" in log
+    )
+    assert "rank 0 on h0: its data is ready after 0.2 s" in log
+
+
 @pytest.mark.parametrize("master", ["yarn", "spark://h:7077", "local-cluster[2,1,1024]"])
 def test_dynamic_allocation_is_refused_before_anything_starts(master):
     from caffeonspark import Config
