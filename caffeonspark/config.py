@@ -251,8 +251,7 @@ class Config:
     @property
     def netParam(self):
         """The solver's net, as CaffeOnSpark's Config held it (every phase's layers)."""
-        sp = self.solver_param
-        return sp.train_net_param if sp.HasField("train_net_param") else sp.net_param
+        return solver_train_net(self.solver_param)
 
     # --- command line -----------------------------------------------------------------------
     @classmethod
@@ -397,12 +396,7 @@ class Config:
         from engine.net import filter_net
 
         sp = self.solver_param
-        if phase == TRAIN:
-            source = sp.train_net_param if sp.HasField("train_net_param") else sp.net_param
-        elif len(sp.test_net_param):
-            source = sp.test_net_param[0]
-        else:
-            source = sp.net_param
+        source = solver_train_net(sp) if phase == TRAIN else solver_test_net(sp)
         param = caffe_pb2.NetParameter()
         param.CopyFrom(source)
         param.state.phase = phase
@@ -431,6 +425,16 @@ class Config:
                 f"{phase_name} phase ({names}); CaffeOnSpark feeds exactly one"
             )
         return found[0]
+
+
+def solver_train_net(param):
+    """A loaded SolverParameter's train net (train_net_param, else net_param)."""
+    return param.train_net_param if param.HasField("train_net_param") else param.net_param
+
+
+def solver_test_net(param):
+    """A loaded SolverParameter's (first) test net (test_net_param[0], else net_param)."""
+    return param.test_net_param[0] if len(param.test_net_param) else param.net_param
 
 
 def _unknown(name, flags):

@@ -361,7 +361,7 @@ class Monitor:
         elif kind == "spilling":
             rate = m["items"] / m["seconds"] if m["seconds"] > 0 else 0.0
             log.info(
-                "rank %s: %d rows of its shard read so far (%.0f/s, %.0f s), still spilling",
+                "rank %s: %d rows of its data read so far (%.0f/s, %.0f s), still spilling",
                 m.get("rank"),
                 m["items"],
                 rate,

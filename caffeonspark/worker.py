@@ -48,6 +48,8 @@ class Worker:
         self.snapshots = []
         self.retry = None
         self.run_start = 0
+        self.start_iter, self._losses_sent = 0, 0
+        self.losses = []
         # True while the solver is built from the job's own files (prototxt, sources, -weights,
         # -snapshot): a failure then is the job's, and a stage retry would fail the same way.
         self.setting_up = False
@@ -138,6 +140,7 @@ class Worker:
     def solver_param(self):
         """The job's SolverParameter adapted to this rank (data layers fed from the shards,
         snapshots on rank 0 only, seed + rank as Caffe's multi-GPU solvers)."""
+        from caffeonspark.config import solver_test_net, solver_train_net
         from caffeonspark.sources import rewrite_net
         from engine.proto import caffe_pb2
 
@@ -153,13 +156,11 @@ class Worker:
             del param.test_iter[1:]
             del param.test_net_param[1:]
             del param.test_state[1:]
-        field = "train_net_param" if param.HasField("train_net_param") else "net_param"
-        getattr(param, field).CopyFrom(
-            rewrite_net(getattr(param, field), job["train_layer"], caffe_pb2.TRAIN)
-        )
+        train_net = solver_train_net(param)
+        train_net.CopyFrom(rewrite_net(train_net, job["train_layer"], caffe_pb2.TRAIN))
         if validation is not None:
-            target = param.test_net_param[0] if len(param.test_net_param) else param.net_param
-            target.CopyFrom(rewrite_net(target, validation, caffe_pb2.TEST))
+            test_net = solver_test_net(param)
+            test_net.CopyFrom(rewrite_net(test_net, validation, caffe_pb2.TEST))
         if self.rank == 0:
             folder = os.path.join(self.workdir, "snapshots")
             os.makedirs(folder, exist_ok=True)
@@ -487,11 +488,12 @@ def records_consumed(param, job, iteration, start):
     iteration 0 only with test_initialization; Caffe tests at once after a restore).
     A stage retry skips that many (modulo its shard) to read what the failed attempt would
     have read next; Caffe's own restore (and -snapshot) starts its data afresh instead."""
+    from caffeonspark.config import solver_test_net, solver_train_net
     from caffeonspark.sources import fed_layer
     from engine.proto import caffe_pb2
 
-    train_net = param.train_net_param if param.HasField("train_net_param") else param.net_param
-    batch = fed_layer(train_net, job["train_layer"], caffe_pb2.TRAIN).data_param.batch_size
+    train_layer = fed_layer(solver_train_net(param), job["train_layer"], caffe_pb2.TRAIN)
+    batch = train_layer.data_param.batch_size
     steps = iteration - start
     out = {caffe_pb2.TRAIN: steps * max(1, param.iter_size) * batch, caffe_pb2.TEST: 0}
     interval = param.test_interval
@@ -500,8 +502,7 @@ def records_consumed(param, job, iteration, start):
         runs = -(-iteration // interval) - -(-start // interval)
         if start == 0 and not param.test_initialization:
             runs -= 1
-        test_net = param.test_net_param[0] if len(param.test_net_param) else param.net_param
-        layer = fed_layer(test_net, job["validation_layer"], caffe_pb2.TEST)
+        layer = fed_layer(solver_test_net(param), job["validation_layer"], caffe_pb2.TEST)
         out[caffe_pb2.TEST] = runs * param.test_iter[0] * layer.data_param.batch_size
     return out
 

@@ -572,7 +572,7 @@ def test_monitor_shows_the_tasks_spill(caplog):
                 s.sendall((json.dumps(m) + "\n").encode())
             time.sleep(0.3)
     log = caplog.text
-    assert "rank 1: 250000 rows of its shard read so far (25000/s, 10 s), still spilling" in log
+    assert "rank 1: 250000 rows of its data read so far (25000/s, 10 s), still spilling" in log
     assert (
         "rank 1 on h1: its data is ready (300000 training records, 2000 validation records) "
         "after 12.5 s" in log
