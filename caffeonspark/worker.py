@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +31,17 @@ PROGRESS_EVERY_S = 10.0  # progress cadence when the solver's display is 0
 
 class WorkerError(RuntimeError):
     """A failure inside a worker (the task reports it with the rank and host)."""
+
+
+class RetryPoint(NamedTuple):
+    """Where a stage retry goes on: this run's newest snapshot (the .solverstate's URI), its
+    iteration, the iteration the run began at, and each rank's engine.rng state at that
+    snapshot (None when the record has none)."""
+
+    state: str
+    iter: int
+    start: int
+    rng: list | None = None
 
 
 class Worker:
@@ -48,6 +60,8 @@ class Worker:
         self.snapshots = []
         self.retry = None
         self.run_start = 0
+        self.snapshot_every = 0
+        self._rng_states = None
         self.start_iter, self._losses_sent = 0, 0
         self.losses = []
         # True while the solver is built from the job's own files (prototxt, sources, -weights,
@@ -82,6 +96,7 @@ class Worker:
         self.retry = self.find_retry(comm)
         solver = self.build_solver()
         self.initial_state(solver, comm)
+        self.resume_random_streams()
         summary = self.train(solver, comm)
         self.finished = True
         self.send("done", **summary)
@@ -161,6 +176,7 @@ class Worker:
         if validation is not None:
             test_net = solver_test_net(param)
             test_net.CopyFrom(rewrite_net(test_net, validation, caffe_pb2.TEST))
+        self.snapshot_every = int(param.snapshot)
         if self.rank == 0:
             folder = os.path.join(self.workdir, "snapshots")
             os.makedirs(folder, exist_ok=True)
@@ -179,7 +195,8 @@ class Worker:
 
         job = self.job
         param = self.solver_param()
-        consumed = records_consumed(param, job, *(self.retry[1:] if self.retry else (0, 0)))
+        retry = self.retry
+        consumed = records_consumed(param, job, *((retry.iter, retry.start) if retry else (0, 0)))
         factory = SourceFactory()
         opened = [(job["train_layer"], caffe_pb2.TRAIN, job["specs"]["0"])]
         if job.get("validation_layer") is not None:
@@ -191,19 +208,19 @@ class Worker:
                     f"rank {self.rank}: its shard of {spec['name']} is empty (the source has "
                     f"fewer records than the {self.size} ranks)"
                 )
-            skip = consumed[phase] % len(source)
-            if skip:
-                # A stage retry goes on where the failed attempt's data stood at its snapshot.
+            if consumed[phase]:
+                # A stage retry goes on where the failed attempt's data stood at its snapshot
+                # (and draws the random crops and mirrors it drew from there).
+                skip = consumed[phase] % len(source)
                 log.info("rank %d: %s goes on at record %d of its shard", self.rank, layer, skip)
-                source.skip(skip)
+                source.go_on_at(consumed[phase])
             factory.add(layer, phase, source)
         factory.install()
         return get_solver(param)
 
     def find_retry(self, comm):
-        """(state URI, iteration, the run's first iteration) of this run's newest snapshot
-        when Spark retries the stage, else None: rank 0 reads the run's record and tells the
-        other ranks."""
+        """This run's RetryPoint when Spark retries the stage, else None: rank 0 reads the
+        run's record and tells the other ranks."""
         found = retry_snapshot(self.job) if self.rank == 0 else None
         return comm.bcast_object(found)
 
@@ -218,7 +235,7 @@ class Worker:
             (solver.iter, solver.current_step) if self.rank == 0 else None
         )
         # The iteration this run began at (kept through retries): where its data started.
-        self.run_start = self.retry[2] if self.retry else int(solver.iter)
+        self.run_start = self.retry.start if self.retry else int(solver.iter)
         weights = FlatBuffer(solver.net.learnable_params)
         if self.rank == 0:
             weights.gather_data()
@@ -232,12 +249,31 @@ class Worker:
         for view, h in zip(views, solver.history):
             h[...] = view
 
+    def resume_random_streams(self):
+        """On a stage retry, each rank goes on with the engine's random stream (Dropout and
+        the like) where it stood at the snapshot, as the failed attempt did."""
+        from engine import rng
+
+        states = self.retry.rng if self.retry else None
+        if not states:
+            return
+        if len(states) != self.size:
+            log.warning(
+                "rank %d: the snapshot holds random states of %d ranks, not %d: random "
+                "streams start afresh",
+                self.rank,
+                len(states),
+                self.size,
+            )
+            return
+        rng.set_state(states[self.rank])
+
     def load_start_point(self, solver):
         from caffeonspark import storage
 
         job = self.job
         state = job.get("snapshot")
-        retry = self.retry[0] if self.retry else None
+        retry = self.retry.state if self.retry else None
         if retry:
             log.info(
                 "stage retry: resuming from this run's newest snapshot %s", storage.shown(retry)
@@ -262,6 +298,7 @@ class Worker:
     def train(self, solver, comm):
         from caffeonspark import storage
         from caffeonspark.comm import FlatBuffer
+        from engine import rng
 
         job = self.job
         size = self.size
@@ -306,6 +343,10 @@ class Worker:
             self.losses.append(self.loss)
             stamps.append(now)
             self.beat(s.iter)
+            if self.snapshot_every and (s.iter + 1) % self.snapshot_every == 0:
+                # Rank 0 snapshots after this update: its record keeps every rank's random
+                # stream as it stands now (nothing draws in between), for a retry.
+                self._rng_states = (s.iter + 1, comm.gather_object(rng.get_state()))
             if self.rank != 0:
                 return
             last_iter = s.iter == max_iter - 1
@@ -435,6 +476,8 @@ class Worker:
             "state": name,
             "start": self.run_start,
         }
+        if self._rng_states is not None and self._rng_states[0] == solver.iter:
+            record["rng"] = self._rng_states[1]
         storage.write_bytes(snapshot_record(self.job), json.dumps(record).encode("utf-8"))
         self.send(
             "snapshot", path=storage.shown(state_uri), iter=int(solver.iter), **self._new_losses()
@@ -460,9 +503,8 @@ def metrics_file(job):
 
 
 def retry_snapshot(job):
-    """(state URI, its iteration, the iteration the run began at) of the newest snapshot
-    written by this very run (same run_id), when Spark retries the stage after a failure;
-    None on a first attempt."""
+    """The RetryPoint of the newest snapshot written by this very run (same run_id), when
+    Spark retries the stage after a failure; None on a first attempt."""
     from caffeonspark import storage
 
     if not job.get("run_id"):
@@ -478,7 +520,9 @@ def retry_snapshot(job):
     state = storage.join(job["snapshot_dir"], name)
     if not storage.exists(state):
         return None
-    return state, int(record.get("iter", 0)), int(record.get("start", 0))
+    return RetryPoint(
+        state, int(record.get("iter", 0)), int(record.get("start", 0)), record.get("rng")
+    )
 
 
 def records_consumed(param, job, iteration, start):

@@ -258,6 +258,11 @@ def test_lmdb_source_wraps_peeks_and_counts(tmp_path):
         assert src.epochs == 1
         src.skip(3)
         assert src.take(1) == [recs[0]]
+        assert src.position == 11  # taken and skipped, not wrapped; a peek does not count
+    with lmdb_io.LMDBSource(path) as src:
+        src.go_on_at(13)  # where a stream stands after 13 records: 2 passes and 3
+        assert (src.position, src.peek()) == (13, recs[3])
+        assert src.take(1) == [recs[3]] and src.position == 14
 
 
 def test_lmdb_key_range_shards(tmp_path):
@@ -641,6 +646,37 @@ def test_source_factory_hook(closing):
         data_layers.set_source_factory(previous)
     _, label = forward(layer, top)
     assert label.tolist() == [0, 1, 2, 0] and calls == [("data", caffe_pb2.TEST)]
+
+
+def test_random_transforms_are_keyed_on_the_stream_position(closing):
+    """A stream resumed with go_on_at (a stage retry) draws the crops and mirrors that the
+    uninterrupted stream drew for the same batches, whatever came before."""
+    rs = np.random.RandomState(0)
+    recs = [
+        (f"k{i}".encode(), raw_bytes(rs.randint(0, 256, (2, 8, 8)).astype(np.uint8), i))
+        for i in range(10)
+    ]
+    text = data_text("ignored", batch=4, transform="crop_size: 5 mirror: true")
+
+    def batches(start, count):
+        def factory(lp, phase):
+            source = ListSource(recs, name="shard")
+            source.go_on_at(start)
+            return source
+
+        previous = data_layers.set_source_factory(factory)
+        try:
+            engine.set_random_seed(3)
+            layer, top = make_layer(text, phase=caffe_pb2.TRAIN)
+            closing(layer)
+        finally:
+            data_layers.set_source_factory(previous)
+        return [forward(layer, top)[0].copy() for _ in range(count)]
+
+    whole = batches(0, 4)  # records 0-3, 4-7, 8-9 and 0-1, 2-5
+    resumed = batches(8, 2)
+    for got, expected in zip(resumed, whole[2:]):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_data_layer_in_net_uses_solver_seed(tmp_path):

@@ -143,7 +143,9 @@ def test_separate_mpiexec_workers_form_one_communicator(tmp_path):
 # --- a worker driven as a task drives it ------------------------------------------------
 
 
-def _job(tmp_path, max_iter=4, snapshot=0, weights=None):
+def _job(tmp_path, max_iter=4, snapshot=0, weights=None, random=False):
+    """A 1-rank LeNet job on 40 digits in batches of 8; `random` adds random crops, mirrors
+    and a Dropout layer."""
     d = np.load(REPO / "data" / "digits.npz")
     lmdb = tmp_path / "lmdb"
     with LMDBWriter(str(lmdb)) as db:
@@ -156,6 +158,15 @@ def _job(tmp_path, max_iter=4, snapshot=0, weights=None):
         if lp.type == "Data":
             lp.data_param.source = str(lmdb)
             lp.data_param.batch_size = 8
+            if random:
+                lp.transform_param.crop_size = 24
+                lp.transform_param.mirror = True
+    if random:
+        at = [lp.name for lp in net.layer].index("relu1") + 1
+        layers = list(net.layer)
+        drop = caffe_pb2.LayerParameter(name="drop1", type="Dropout", bottom=["ip1"], top=["ip1"])
+        del net.layer[:]
+        net.layer.extend(layers[:at] + [drop] + layers[at:])
     sp = caffe_pb2.SolverParameter(
         base_lr=0.01,
         lr_policy="fixed",
@@ -250,20 +261,22 @@ def test_worker_trains_and_reports(tmp_path):
     assert worker.latest_snapshot(str(out), "m") == str(out / "m_iter_4.solverstate")
 
 
-def test_stage_retry_resumes_from_the_runs_newest_snapshot(tmp_path):
-    first = dict(_job(tmp_path, max_iter=4, snapshot=2), run_id="run-a")
+@pytest.mark.parametrize("random", [False, True], ids=["plain", "crop-mirror-dropout"])
+def test_stage_retry_resumes_from_the_runs_newest_snapshot(tmp_path, random):
+    first = dict(_job(tmp_path, max_iter=4, snapshot=2, random=random), run_id="run-a")
     _drive(first, tmp_path)
     again = _with_max_iter(first, 6)
     _, done, log = _drive(again, tmp_path)  # a retry of run-a: continues at iteration 4
     assert (done["start_iter"], done["iterations"]) == (4, 2)
     assert "stage retry: resuming" in log
     # 4 batches of 8 of the 40 records were read before the snapshot: the retry reads on
-    # from there, so it ends where an uninterrupted 6-iteration run ends.
+    # from there, with the random crops, mirrors and dropout masks the failed attempt would
+    # have drawn, so it ends where an uninterrupted 6-iteration run ends.
     assert "mnist goes on at record 32 of its shard" in log
     retried = model_weights(again["model"])
     whole_dir = tmp_path / "whole"
     whole_dir.mkdir()
-    whole = dict(_job(whole_dir, max_iter=6), run_id="run-w")
+    whole = dict(_job(whole_dir, max_iter=6, random=random), run_id="run-w")
     _drive(whole, whole_dir)
     for name, w in model_weights(whole["model"]).items():
         np.testing.assert_array_equal(retried[name], w, err_msg=name)
@@ -313,6 +326,8 @@ def test_snapshots_and_model_on_s3_and_a_retry_resumes_from_there(tmp_path):
         assert kinds.count("snapshot") == 2 and done["iterations"] == 4
         assert s3.names("runs") == FOUR_ITERATIONS_SNAPSHOT_EVERY_2
         record = json.loads(storage.read_bytes(s3.uri("runs/m_snapshots.json")))
+        rng = record.pop("rng")  # the generator of each rank (one here) at iteration 4
+        assert len(rng) == 1 and rng[0]["bit_generator"] == "PCG64"
         assert record == {"run": "run-s3", "iter": 4, "state": "m_iter_4.solverstate", "start": 0}
         assert done["snapshots"][-1] == s3.uri("runs/m_iter_4.solverstate")
         assert SECRET not in log

@@ -1,7 +1,8 @@
 """Fault tolerance on a real local Spark cluster: a training worker killed mid-run fails the
 barrier stage, Spark retries it, and the retry resumes from the run's newest snapshot. Its data
 goes on from the records the failed attempt had read (the snapshots fall inside the shards'
-epochs), so the retry sees the data an uninterrupted run sees and must end with its weights."""
+epochs), with the random crops, mirrors and dropout masks it would have drawn, so the retry
+sees what an uninterrupted run sees and must end with its weights."""
 
 import json
 import os
@@ -12,9 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
 from test_spark_cluster import digits, model_weights, start_spark, write_lmdb, write_solver
 
 from caffeonspark import CaffeOnSpark, Config, DataSource
+from engine.proto import caffe_pb2
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.xdist_group("spark")]
 
@@ -52,6 +55,22 @@ def worker_pids(rank, folder):
     return pids
 
 
+def add_randomness(net_path):
+    """Random crops and mirrors in both data layers and a Dropout after relu1: the random
+    streams a retry must go on with."""
+    net = text_format.Parse(net_path.read_text(), caffe_pb2.NetParameter())
+    layers = list(net.layer)
+    for lp in layers:
+        if lp.type == "Data":
+            lp.transform_param.crop_size = 24
+            lp.transform_param.mirror = True
+    at = [lp.name for lp in layers].index("relu1") + 1
+    drop = caffe_pb2.LayerParameter(name="drop1", type="Dropout", bottom=["ip1"], top=["ip1"])
+    del net.layer[:]
+    net.layer.extend(layers[:at] + [drop] + layers[at:])
+    net_path.write_text(text_format.MessageToString(net))
+
+
 def kill_when(path, rank, killed, stop):
     """SIGKILL rank's worker (a host lost mid-run) once `path` exists."""
     while not stop.is_set():
@@ -83,6 +102,7 @@ def test_killed_worker_stage_retry_resumes_from_the_newest_snapshot(spark, tmp_p
             test_interval=50,
             test_iter=1,
         )
+        add_randomness(folder / "net.prototxt")
         conf = Config(spark, conf=solver, model=str(folder / "model" / "lenet.caffemodel"))
         killed, stop = [], threading.Event()
         if name == "killed":

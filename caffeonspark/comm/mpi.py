@@ -110,6 +110,10 @@ class MPIComm:
     def bcast_object(self, obj, root=0):
         return self.comm.bcast(obj, root=root)
 
+    def gather_object(self, obj, root=0):
+        """Every rank's `obj`, in rank order, on `root` (None elsewhere)."""
+        return self.comm.gather(obj, root=root)
+
     def allreduce_mean(self, values):
         """Mean over ranks of a float64 array (validation scores, counters)."""
         MPI = _mpi()

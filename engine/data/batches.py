@@ -53,10 +53,22 @@ class RecordBatcher:
 
     `decode(key, value)` returns (C x H x W array, label). With `raw_fast_path`, batches of
     uniform raw uint8 Datums are decoded in one vectorised step (datum.decode_raw_batch).
+    With a `seed`, each batch's random crops and mirrors come from a generator keyed on
+    (seed, the source's position at the batch's first record): the draws of a batch depend on
+    where it stands in the stream, not on the batches before it, so a stream resumed with
+    source.go_on_at draws what the uninterrupted one drew.
     """
 
     def __init__(
-        self, source, transformer, batch_size, decode, name, raw_fast_path=False, skip_bad=None
+        self,
+        source,
+        transformer,
+        batch_size,
+        decode,
+        name,
+        raw_fast_path=False,
+        skip_bad=None,
+        seed=None,
     ):
         if not isinstance(source, RecordSource):
             raise TypeError(f"{name}: source must be a RecordSource, got {type(source).__name__}")
@@ -68,6 +80,7 @@ class RecordBatcher:
         self.raw_fast_path = raw_fast_path
         self.skip_bad = skip_bad_records() if skip_bad is None else skip_bad
         self.skipped = 0
+        self.seed = seed
 
     def what(self, key):
         return datum_mod.record_name(self.source.name, key)
@@ -97,6 +110,8 @@ class RecordBatcher:
 
     def __call__(self, slot=None):
         n = self.batch_size
+        if self.seed is not None and self.transformer.random:
+            self.transformer.rng = np.random.default_rng((self.seed, self.source.position))
         records = self.source.take(n)
         keys, values = zip(*records)
         if self.raw_fast_path:

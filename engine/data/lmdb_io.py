@@ -144,10 +144,10 @@ class LMDBSource(RecordSource):
             return it
         return itertools.islice(it, self._count)
 
-    def take(self, n):
+    def _next(self, n):
         # The cursor is iterated in C (islice over iternext); errors are mapped here.
         try:
-            return super().take(n)
+            return super()._next(n)
         except lmdb.Error as e:
             raise DataSourceError(f"{self.name}: cannot read record: {e}") from None
 

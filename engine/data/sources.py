@@ -33,9 +33,32 @@ class RecordSource:
             self._iter = None
             self._pass_empty = True
             self.epochs = 0
+            self._position = 0
+
+    @property
+    def position(self):
+        """Records taken or skipped since the stream began (not wrapped): where the next
+        take() stands in the endless stream. Random transforms are keyed on it, so a stream
+        that goes on at a position draws what the stream that got there drew."""
+        self._ensure_started()
+        return self._position
+
+    def go_on_at(self, position):
+        """Stand where a stream of this source stood after `position` records (a stage
+        retry of a run): skip position modulo the length, and count `position`."""
+        if position:
+            self.skip(position % len(self))
+        self._ensure_started()
+        self._position = int(position)
 
     def take(self, n):
         """The next n records (a list of (key, value)), wrapping around at the end."""
+        out = self._next(n)
+        self._position += len(out)
+        return out
+
+    def _next(self, n):
+        """take() without counting: peek() fills its look-ahead from here."""
         self._ensure_started()
         out = []
         while self._pending and len(out) < n:
@@ -59,7 +82,7 @@ class RecordSource:
         """The record the next take() starts with, without consuming it."""
         self._ensure_started()
         if not self._pending:
-            self._pending.extend(self.take(1))
+            self._pending.extend(self._next(1))
         return self._pending[0]
 
     def skip(self, n):

@@ -46,8 +46,9 @@ class DataTransformer:
             self.mean = np.ascontiguousarray(mean, dtype=np.float32)
         self.mean_values = np.asarray(param.mean_value, dtype=np.float32)
         self._mean_cache = {}
-        needs_rng = self.mirror or (self.crop and phase == caffe_pb2.TRAIN)
-        if needs_rng and rng is None:
+        # Whether transforms draw random numbers (random crops in TRAIN, mirrors).
+        self.random = bool(self.mirror or (self.crop and phase == caffe_pb2.TRAIN))
+        if self.random and rng is None:
             raise TransformError(f"{what}: random crop/mirror needs a random generator")
 
     # --- shapes --------------------------------------------------------------------------

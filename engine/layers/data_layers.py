@@ -43,9 +43,14 @@ def set_source_factory(factory):
     return previous
 
 
+def _layer_seed():
+    """A seed for one layer, drawn from engine.rng (repeatable under a seed)."""
+    return int(engine_rng.rng().integers(0, 2**63 - 1))
+
+
 def _layer_rng():
     """A Generator for one layer, drawn from engine.rng (repeatable under a seed)."""
-    return np.random.default_rng(int(engine_rng.rng().integers(0, 2**63 - 1)))
+    return np.random.default_rng(_layer_seed())
 
 
 def _transform_param(param, legacy):
@@ -141,7 +146,8 @@ class Data(_BatchLayer):
         except DataSourceError as e:
             raise self.error(str(e)) from None
         try:
-            rng = _layer_rng()
+            seed = _layer_seed()
+            rng = np.random.default_rng(seed)
             tp = _transform_param(self.param, dp)
             transformer = DataTransformer(tp, self.phase, rng, f"layer {self.name!r}")
             mode = decode_mode(tp.force_color or dp.force_encoded_color, tp.force_gray)
@@ -154,6 +160,7 @@ class Data(_BatchLayer):
                 batches.datum_decoder(source.name, mode),
                 name=f"layer {self.name!r}",
                 raw_fast_path=True,
+                seed=seed,
             )
             shape = batcher.first_shape()
         except _SETUP_ERRORS as e:
@@ -197,7 +204,8 @@ class ImageData(_BatchLayer):
         nh, nw = int(ip.new_height), int(ip.new_width)
         if (nh > 0) != (nw > 0):
             raise self.error("new_height and new_width must be set together")
-        rng = _layer_rng()
+        seed = _layer_seed()
+        rng = np.random.default_rng(seed)
         try:
             lines = images.read_image_list(ip.source)
             source = _ImageListSource(lines, ip.source, rng if ip.shuffle else None)
@@ -215,6 +223,7 @@ class ImageData(_BatchLayer):
                 ip.batch_size,
                 _image_decoder(ip.root_folder, nh, nw, ip.is_color),
                 name=f"layer {self.name!r}",
+                seed=seed,
             )
             shape = batcher.first_shape()
         except _SETUP_ERRORS as e:
