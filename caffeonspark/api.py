@@ -229,8 +229,9 @@ class CaffeOnSpark:
         return out
 
     def features(self, source):
-        """A DataFrame with one row per record of `source`: SampleID, one array<float> column
-        per blob of -features, and the -label blob's value."""
+        """A DataFrame with one row per record of `source`: SampleID and one array<float>
+        column per blob of -features, the -label blob last (CaffeOnSpark appends it to the
+        features: a label is a one-element array)."""
         from pyspark.sql import types as T
 
         conf = source.conf
@@ -238,13 +239,12 @@ class CaffeOnSpark:
         if not conf.features:
             raise ConfigError("features() needs -features: the blobs to extract")
         blobs = list(conf.features)
-        label = conf.label if conf.label and conf.label not in blobs else None
-        _check_blobs(conf, blobs + ([label] if label else []))
+        if conf.label and conf.label not in blobs:
+            blobs.append(conf.label)
+        _check_blobs(conf, blobs)
         fields = [T.StructField("SampleID", T.StringType(), False)]
         fields += [T.StructField(b, T.ArrayType(T.FloatType(), False), False) for b in blobs]
-        if label:
-            fields.append(T.StructField(label, T.FloatType(), True))
-        rows = self._inference(source, "features", (blobs, label))
+        rows = self._inference(source, "features", blobs)
         df = self.spark.createDataFrame(rows, T.StructType(fields))
         if conf.persistent:
             df = df.persist()
@@ -517,7 +517,7 @@ def run_inference(net_bytes, layer, model_bytes, source, mode, what, progress=No
                 net.forward_from_to()
                 keys = [keyed.keys.popleft() for _ in range(size)]
                 if mode == "features":
-                    yield from _feature_rows(net, keys, *what)
+                    yield from _feature_rows(net, keys, what)
                 else:
                     _accumulate(net, size, sums, counts, order)
                 done += size
@@ -530,7 +530,7 @@ def run_inference(net_bytes, layer, model_bytes, source, mode, what, progress=No
             yield name, sums[name].tolist(), counts[name]
 
 
-def _feature_rows(net, keys, blobs, label):
+def _feature_rows(net, keys, blobs):
     from engine.backend import to_numpy
 
     n = len(keys)
@@ -543,19 +543,8 @@ def _feature_rows(net, keys, blobs, label):
                 "-features takes per-record blobs"
             )
         arrays.append(arr.reshape(n, -1))
-    labels = None
-    if label:
-        lab = to_numpy(net.blobs[label].data)
-        if lab.size != n:
-            raise SourceError(
-                f"-label blob {label!r} has shape {lab.shape}: not one value per record"
-            )
-        labels = lab.reshape(n).tolist()
     for i, key in enumerate(keys):
-        row = [key_text(key)] + [a[i].tolist() for a in arrays]
-        if labels is not None:
-            row.append(float(labels[i]))
-        yield tuple(row)
+        yield (key_text(key), *(a[i].tolist() for a in arrays))
 
 
 def _accumulate(net, n, sums, counts, order):

@@ -364,7 +364,7 @@ def test_features_one_row_per_record(spark, data, trained, caplog):
         row = by_key[key]
         assert len(row.ip1) == 500
         np.testing.assert_allclose(row.ip2, ref["ip2"][i], rtol=1e-4, atol=1e-4)
-        assert row.label == ref["label"][i]
+        assert row.label == [ref["label"][i]]  # a one-element array, as CaffeOnSpark's
     # The driver heard every partition finish: one line with the whole count.
     assert re.search(r"features of layer 'mnist' \(Data, TEST\): 103 records in", caplog.text)
 
@@ -594,7 +594,7 @@ def test_dataframe_source_train_and_features(spark, data, trained, caplog):
     assert source.kind == "dataframe"
     feats = cos.features(source).collect()
     assert len(feats) == 45 and {r.SampleID for r in feats} == {f"img{i}" for i in range(45)}
-    assert sorted(int(r.label) for r in feats) == sorted(int(x) for x in labels)
+    assert sorted(int(r.label[0]) for r in feats) == sorted(int(x) for x in labels)
 
 
 def test_image_list_source_train_and_features(spark, data):
@@ -623,7 +623,7 @@ def test_image_list_source_train_and_features(spark, data):
     assert source.kind == "images"
     rows = cos.features(source).collect()
     assert sorted(r.SampleID for r in rows) == sorted(f"d{i}.png" for i in range(23))
-    assert sorted(int(r.label) for r in rows) == sorted(int(x) for x in labels)
+    assert sorted(int(r.label[0]) for r in rows) == sorted(int(x) for x in labels)
 
 
 def test_caffeonspark_prototxts_run_unchanged(spark, data, caplog):
@@ -673,7 +673,7 @@ def test_caffeonspark_prototxts_run_unchanged(spark, data, caplog):
     assert feats.sparkSession is not None  # a pyspark DataFrame, as CaffeOnSpark returned
     feats = feats.collect()
     assert sorted(r.SampleID for r in feats) == sorted(f"s{i}" for i in range(27))
-    assert {r.SampleID: int(r.label) for r in feats} == {
+    assert {r.SampleID: int(r.label[0]) for r in feats} == {
         f"s{i}": int(lab) for i, lab in enumerate(labels)
     }
     assert 0 <= cos.test(source)["accuracy"] <= 1

@@ -66,6 +66,9 @@ def test_spark_submit_train_features_test(tmp_path):
         for line in part.read_text().splitlines()
     ]
     assert len(rows) == 57 and all(len(r["ip2"]) == 10 for r in rows)
+    # -label's blob is one more feature column: a one-element array, as in CaffeOnSpark
+    labels = np.load(REPO / "data" / "digits.npz")["test_labels"][:57]
+    assert sorted(r["label"] for r in rows) == sorted([float(x)] for x in labels)
     assert (tmp_path / "out" / "lenet.caffemodel").is_file()
     assert (tmp_path / "out" / "lenet_iter_20.solverstate").is_file()
 
