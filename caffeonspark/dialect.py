@@ -16,14 +16,15 @@ from engine.proto import caffe_pb2
 PACKAGE = "com.yahoo.ml.caffe."
 LMDB = "LMDB"
 IMAGE_DATA_FRAME = "ImageDataFrame"
-SOURCE_CLASSES = (LMDB, IMAGE_DATA_FRAME)
+SEQ_IMAGE = "SeqImageDataSource"  # Hadoop sequence files (caffeonspark.sources.sequence)
+SOURCE_CLASSES = (LMDB, IMAGE_DATA_FRAME, SEQ_IMAGE)
 # A MemoryData layer with a source but no source_class reads an LMDB, as in CaffeOnSpark.
 DEFAULT_SOURCE_CLASS = LMDB
 
 
 def source_class(layer):
-    """The short name of a layer's CaffeOnSpark source class ("LMDB", "ImageDataFrame"), or
-    None for a layer that is not fed that way."""
+    """The short name of a layer's CaffeOnSpark source class ("LMDB", "ImageDataFrame",
+    "SeqImageDataSource"), or None for a layer that is not fed that way."""
     if not (layer.source_class or layer.memory_data_param.source):
         return None
     name = layer.source_class or DEFAULT_SOURCE_CLASS
@@ -42,12 +43,6 @@ def standard_net(net):
             continue
         what = f"layer {layer.name!r}"
         kind = source_class(layer)
-        if kind == "SeqImageDataSource":
-            raise ValueError(
-                f"{what}: source_class {layer.source_class} (Hadoop sequence files) is not "
-                "supported; convert the data to a DataFrame (source_class "
-                f"{PACKAGE}{IMAGE_DATA_FRAME}: columns id, label, data) or an LMDB"
-            )
         if kind not in SOURCE_CLASSES:
             known = ", ".join(PACKAGE + k for k in SOURCE_CLASSES)
             raise ValueError(f"{what}: unknown source_class {layer.source_class!r}; known: {known}")
@@ -61,7 +56,7 @@ def standard_net(net):
         layer.data_param.batch_size = mp.batch_size
         layer.data_param.backend = caffe_pb2.DataParameter.LMDB
         layer.source_class = PACKAGE + kind
-        if kind == IMAGE_DATA_FRAME and encoded_images(layer):
+        if kind == SEQ_IMAGE or (kind == IMAGE_DATA_FRAME and encoded_images(layer)):
             # CaffeOnSpark decodes encoded images as gray for 1 channel, color for 3.
             tp = layer.transform_param
             if mp.channels == 1 and not tp.force_color:
@@ -89,7 +84,8 @@ def parse_hint(message):
     if "cos_data_param" in message or '"CoSData"' in message:
         return (
             "; CaffeOnSpark's CoSData layer is not supported: use a MemoryData layer with "
-            f'source_class "{PACKAGE}{LMDB}" or "{PACKAGE}{IMAGE_DATA_FRAME}", or a Data '
+            f'source_class "{PACKAGE}{LMDB}", "{PACKAGE}{IMAGE_DATA_FRAME}" or '
+            f'"{PACKAGE}{SEQ_IMAGE}", or a Data '
             "layer with data_param.source"
         )
     return ""

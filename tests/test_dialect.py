@@ -109,7 +109,6 @@ def test_pycaffe_memory_data_layer_is_left_alone(tmp_path):
 @pytest.mark.parametrize(
     "source_class, message",
     [
-        ("com.yahoo.ml.caffe.SeqImageDataSource", "sequence files.*not supported"),
         ("com.example.MySource", "unknown source_class 'com.example.MySource'; known: "),
     ],
 )

@@ -682,6 +682,71 @@ def test_caffeonspark_prototxts_run_unchanged(spark, data, caplog):
 # --- failing fast --------------------------------------------------------------------------------
 
 
+def java_serialized(spark, obj):
+    """The bytes Java's ObjectOutputStream writes for a JVM object (CaffeOnSpark's keys)."""
+    jvm = spark._jvm
+    out = jvm.java.io.ByteArrayOutputStream()
+    stream = jvm.java.io.ObjectOutputStream(out)
+    stream.writeObject(obj)
+    stream.close()
+    return bytes(out.toByteArray())
+
+
+def test_caffeonspark_sequence_files(spark, data):
+    """source_class SeqImageDataSource: Hadoop sequence files as CaffeOnSpark's tools wrote
+    them. TRAIN: scala.Tuple6 keys (id, label, channels, height, width, encoded = false) and raw
+    pixels; TEST: scala.Tuple2 keys (id, label) and PNG images."""
+    folder = data["root"] / "seq"
+    folder.mkdir()
+    sc = spark.sparkContext
+    tuple2, tuple6 = spark._jvm.scala.Tuple2, spark._jvm.scala.Tuple6
+    train_images, train_labels = digits(40)
+    train = [
+        (java_serialized(spark, tuple6(f"t{i}", str(lab), 1, 28, 28, False)), img.tobytes())
+        for i, (img, lab) in enumerate(zip(train_images, train_labels))
+    ]
+    test_images, test_labels = digits(23, "test")
+    test = [
+        (java_serialized(spark, tuple2(f"v{i}", str(lab))), png_bytes(img))
+        for i, (img, lab) in enumerate(zip(test_images, test_labels))
+    ]
+    for name, pairs in (("train_seq", train), ("test_seq", test)):
+        rdd = sc.parallelize([(bytearray(k), bytearray(v)) for k, v in pairs], 2)
+        rdd.saveAsSequenceFile(str(folder / name))
+    shape = "channels: 1 height: 28 width: 28"
+
+    def memory_data(lp):
+        lp.type = "MemoryData"
+        name = "train_seq" if lp.include[0].phase == caffe_pb2.TRAIN else "test_seq"
+        text_format.Merge(
+            f"""source_class: "com.yahoo.ml.caffe.SeqImageDataSource"
+            memory_data_param {{ source: "file:{folder / name}" batch_size: 8 {shape} }}""",
+            lp,
+        )
+
+    solver = write_lenet(folder, memory_data, "max_iter: 4")
+    conf = Config(spark, conf=solver, model=str(folder / "m.caffemodel"), clusterSize=2)
+    cos = CaffeOnSpark(spark)
+    source = DataSource.get(conf, is_train=True)
+    assert source.kind == "dataframe" and source.count() == 40
+    s = cos.train(source)
+    assert s.iterations == 4 and s.ranks == 2
+    conf.features, conf.label = ["ip2"], "label"
+    feats = cos.features(DataSource.get(conf, is_train=False)).collect()
+    assert {r.SampleID: int(r.label[0]) for r in feats} == {
+        f"v{i}": int(lab) for i, lab in enumerate(test_labels)
+    }
+    assert all(len(r.ip2) == 10 for r in feats)
+    # A sequence file whose keys are not CaffeOnSpark's headers is named with the record.
+    bad = folder / "bad_seq"
+    sc.parallelize([(bytearray(b"t0"), bytearray(b"x"))], 1).saveAsSequenceFile(str(bad))
+    net = (folder / "net.prototxt").read_text().replace(str(folder / "test_seq"), str(bad))
+    (folder / "net.prototxt").write_text(net)
+    bad_conf = Config(spark, conf=solver, model=str(folder / "m.caffemodel"), clusterSize=2)
+    with pytest.raises(SourceError, match="the first record of .*bad_seq: the key is not a Java"):
+        DataSource.get(bad_conf, is_train=False)
+
+
 def test_missing_model_fails_fast(spark, trained, tmp_path):
     conf = Config(spark, conf=trained["conf"].conf, model=str(tmp_path / "nope.caffemodel"))
     t = time.monotonic()

@@ -44,8 +44,8 @@ class DataSource:
         """The source the net's TRAIN (is_train) or TEST data layer reads, chosen from its
         type and source path: ImageData -> image list; a Data layer's LMDB -> LMDB; a
         Parquet / JSON / ORC path -> DataFrame; in CaffeOnSpark's prototxts, its
-        source_class (caffeonspark.dialect)."""
-        from caffeonspark.sources import dataframe, images, lmdb
+        source_class (caffeonspark.dialect), sequence files included."""
+        from caffeonspark.sources import dataframe, images, lmdb, sequence
 
         phase = caffe_pb2.TRAIN if is_train else caffe_pb2.TEST
         layer = conf.data_layer(phase)
@@ -55,6 +55,8 @@ class DataSource:
         if not path:
             raise SourceError(f"{describe_layer(layer, phase)}: data_param.source is not set")
         kind = dialect.source_class(layer)  # CaffeOnSpark's prototxts name it
+        if kind == dialect.SEQ_IMAGE:
+            return sequence.read(conf, layer, phase)
         if kind == dialect.IMAGE_DATA_FRAME or (kind is None and dataframe.is_table_path(path)):
             return dataframe.DataFrameSource.read(conf, layer, phase)
         return lmdb.LMDBDataSource(conf, layer, phase)
