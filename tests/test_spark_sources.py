@@ -205,11 +205,11 @@ def test_run_inference_features_cover_every_record(lenet):
             lenet["weights"].SerializeToString(),
             open_spec(spec),
             "features",
-            (["ip2"], "label"),
+            ["ip2", "label"],
         )
     )
     assert [r[0] for r in rows] == [f"{i:08d}" for i in range(23)]
-    assert [r[2] for r in rows] == [float(x) for x in lenet["labels"]]
+    assert [r[2] for r in rows] == [[float(x)] for x in lenet["labels"]]
     ref = Net(conf.net_param(TEST), phase=TEST)
     ref.copy_from(lenet["weights"])
     x = lenet["images"].astype(np.float32)[:, None] * np.float32(0.00390625)
