@@ -35,13 +35,13 @@ class WorkerError(RuntimeError):
 
 class RetryPoint(NamedTuple):
     """Where a stage retry goes on: this run's newest snapshot (the .solverstate's URI), its
-    iteration, the iteration the run began at, and each rank's engine.rng state at that
-    snapshot (None when the record has none)."""
+    iteration, the iteration the run began at, and what each rank had at that snapshot
+    beyond the solver state (see Worker.rank_state; None when the record has none)."""
 
     state: str
     iter: int
     start: int
-    rng: list | None = None
+    ranks: list | None = None
 
 
 class Worker:
@@ -61,7 +61,7 @@ class Worker:
         self.retry = None
         self.run_start = 0
         self.snapshot_every = 0
-        self._rng_states = None
+        self._rank_states = None
         self.start_iter, self._losses_sent = 0, 0
         self.losses = []
         # True while the solver is built from the job's own files (prototxt, sources, -weights,
@@ -96,7 +96,7 @@ class Worker:
         self.retry = self.find_retry(comm)
         solver = self.build_solver()
         self.initial_state(solver, comm)
-        self.resume_random_streams()
+        self.resume_rank_state(solver)
         summary = self.train(solver, comm)
         self.finished = True
         self.send("done", **summary)
@@ -249,24 +249,35 @@ class Worker:
         for view, h in zip(views, solver.history):
             h[...] = view
 
-    def resume_random_streams(self):
-        """On a stage retry, each rank goes on with the engine's random stream (Dropout and
-        the like) where it stood at the snapshot, as the failed attempt did."""
+    @staticmethod
+    def rank_state(solver):
+        """What a rank has beyond the solver state that a retry needs to go on as the failed
+        attempt did: the engine's random stream (Dropout and the like) and the window of
+        losses behind the smoothed loss (average_loss)."""
         from engine import rng
 
-        states = self.retry.rng if self.retry else None
+        losses, smoothed = solver.loss_window()
+        return {"rng": rng.get_state(), "losses": losses, "smoothed_loss": smoothed}
+
+    def resume_rank_state(self, solver):
+        """On a stage retry, go on with this rank's rank_state at the snapshot."""
+        from engine import rng
+
+        states = self.retry.ranks if self.retry else None
         if not states:
             return
         if len(states) != self.size:
             log.warning(
-                "rank %d: the snapshot holds random states of %d ranks, not %d: random "
-                "streams start afresh",
+                "rank %d: the snapshot holds the state of %d ranks, not %d: random streams "
+                "and the smoothed loss start afresh",
                 self.rank,
                 len(states),
                 self.size,
             )
             return
-        rng.set_state(states[self.rank])
+        mine = states[self.rank]
+        rng.set_state(mine["rng"])
+        solver.resume_loss_window(mine["losses"], mine["smoothed_loss"])
 
     def load_start_point(self, solver):
         from caffeonspark import storage
@@ -298,7 +309,6 @@ class Worker:
     def train(self, solver, comm):
         from caffeonspark import storage
         from caffeonspark.comm import FlatBuffer
-        from engine import rng
 
         job = self.job
         size = self.size
@@ -344,9 +354,9 @@ class Worker:
             stamps.append(now)
             self.beat(s.iter)
             if self.snapshot_every and (s.iter + 1) % self.snapshot_every == 0:
-                # Rank 0 snapshots after this update: its record keeps every rank's random
-                # stream as it stands now (nothing draws in between), for a retry.
-                self._rng_states = (s.iter + 1, comm.gather_object(rng.get_state()))
+                # Rank 0 snapshots after this update: its record keeps every rank's state
+                # as it stands now (nothing draws or adds a loss in between), for a retry.
+                self._rank_states = (s.iter + 1, comm.gather_object(self.rank_state(s)))
             if self.rank != 0:
                 return
             last_iter = s.iter == max_iter - 1
@@ -476,8 +486,8 @@ class Worker:
             "state": name,
             "start": self.run_start,
         }
-        if self._rng_states is not None and self._rng_states[0] == solver.iter:
-            record["rng"] = self._rng_states[1]
+        if self._rank_states is not None and self._rank_states[0] == solver.iter:
+            record["ranks"] = self._rank_states[1]
         storage.write_bytes(snapshot_record(self.job), json.dumps(record).encode("utf-8"))
         self.send(
             "snapshot", path=storage.shown(state_uri), iter=int(solver.iter), **self._new_losses()
@@ -521,7 +531,7 @@ def retry_snapshot(job):
     if not storage.exists(state):
         return None
     return RetryPoint(
-        state, int(record.get("iter", 0)), int(record.get("start", 0)), record.get("rng")
+        state, int(record.get("iter", 0)), int(record.get("start", 0)), record.get("ranks")
     )
 
 

@@ -480,6 +480,31 @@ def test_bad_solver_file_names_file_and_line(tmp_path):
 
 
 @pytestmark_tiny
+def test_smoothed_loss_is_the_mean_of_the_last_average_loss_and_can_carry_on(tiny):
+    def losses(solver, steps):
+        seen = []
+        solver.on_gradients_ready[:] = [lambda s: seen.append(float(s.smoothed_loss))]
+        for n in steps:
+            solver.step(n)
+        return seen
+
+    raw = losses(get_solver(str(tiny(average_loss=1))), [8])  # DummyData: new data each time
+    smoothed = losses(get_solver(str(tiny(average_loss=3))), [7])
+    expected = [np.mean(raw[max(0, i - 2) : i + 1]) for i in range(7)]
+    np.testing.assert_allclose(smoothed, expected, rtol=1e-6)
+    # The window carried from one step() into the next (a stage retry's resume) gives the
+    # uninterrupted run's smoothed losses; a plain step() starts afresh, as Caffe's Step does.
+    solver = get_solver(str(tiny(average_loss=3)))
+    first = losses(solver, [4])
+    window, value = solver.loss_window()
+    assert window == raw[1:4] and value == smoothed[3]
+    solver.resume_loss_window(window, value)
+    carried = losses(solver, [3])
+    assert first + carried == smoothed
+    assert losses(solver, [1]) == [raw[7]]
+
+
+@pytestmark_tiny
 def test_hooks_order_and_iter_size(tiny):
     path = tiny(iter_size=2, display=0)
     solver = get_solver(str(path))

@@ -144,8 +144,8 @@ def test_separate_mpiexec_workers_form_one_communicator(tmp_path):
 
 
 def _job(tmp_path, max_iter=4, snapshot=0, weights=None, random=False):
-    """A 1-rank LeNet job on 40 digits in batches of 8; `random` adds random crops, mirrors
-    and a Dropout layer."""
+    """A 1-rank LeNet job on 40 digits in batches of 8; `random` adds random crops, mirrors,
+    a Dropout layer and a smoothed loss (average_loss 3)."""
     d = np.load(REPO / "data" / "digits.npz")
     lmdb = tmp_path / "lmdb"
     with LMDBWriter(str(lmdb)) as db:
@@ -175,6 +175,7 @@ def _job(tmp_path, max_iter=4, snapshot=0, weights=None, random=False):
         snapshot=snapshot,
         random_seed=1,
         type="SGD",
+        average_loss=3 if random else 1,
     )
     sp.net_param.CopyFrom(net)
     model = tmp_path / "out" / "m.caffemodel"
@@ -271,13 +272,14 @@ def test_stage_retry_resumes_from_the_runs_newest_snapshot(tmp_path, random):
     assert "stage retry: resuming" in log
     # 4 batches of 8 of the 40 records were read before the snapshot: the retry reads on
     # from there, with the random crops, mirrors and dropout masks the failed attempt would
-    # have drawn, so it ends where an uninterrupted 6-iteration run ends.
+    # have drawn and its loss window, so it ends where an uninterrupted 6-iteration run ends.
     assert "mnist goes on at record 32 of its shard" in log
     retried = model_weights(again["model"])
     whole_dir = tmp_path / "whole"
     whole_dir.mkdir()
     whole = dict(_job(whole_dir, max_iter=6, random=random), run_id="run-w")
-    _drive(whole, whole_dir)
+    _, whole_done, _ = _drive(whole, whole_dir)
+    assert done["losses"] == whole_done["losses"][4:]
     for name, w in model_weights(whole["model"]).items():
         np.testing.assert_array_equal(retried[name], w, err_msg=name)
     _, done, log = _drive(dict(again, run_id="run-b"), tmp_path)  # another run starts afresh
@@ -326,8 +328,8 @@ def test_snapshots_and_model_on_s3_and_a_retry_resumes_from_there(tmp_path):
         assert kinds.count("snapshot") == 2 and done["iterations"] == 4
         assert s3.names("runs") == FOUR_ITERATIONS_SNAPSHOT_EVERY_2
         record = json.loads(storage.read_bytes(s3.uri("runs/m_snapshots.json")))
-        rng = record.pop("rng")  # the generator of each rank (one here) at iteration 4
-        assert len(rng) == 1 and rng[0]["bit_generator"] == "PCG64"
+        (rank0,) = record.pop("ranks")  # what each rank (one here) had at iteration 4
+        assert rank0["rng"]["bit_generator"] == "PCG64" and len(rank0["losses"]) == 1
         assert record == {"run": "run-s3", "iter": 4, "state": "m_iter_4.solverstate", "start": 0}
         assert done["snapshots"][-1] == s3.uri("runs/m_iter_4.solverstate")
         assert SECRET not in log

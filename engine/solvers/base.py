@@ -4,6 +4,7 @@ SolverParameter, step/solve, testing, lr policies, clipping, regularisation, sna
 Subclasses (sgd.py, adam.py, ...) only supply `compute_update_value`, as in Caffe.
 """
 
+import collections
 import copy
 import logging
 import math
@@ -185,7 +186,8 @@ class Solver:
         self.action_function = None
         self.requested_early_exit = False
         self.smoothed_loss = _F32(0)
-        self._losses = []
+        self._losses = collections.deque()
+        self._window_to_resume = None
         self._iterations_last = 0
         if param.random_seed >= 0:
             from engine.rng import set_random_seed
@@ -461,17 +463,26 @@ class Solver:
             return ACTION_NONE
         return self.action_function()
 
-    def _update_smoothed_loss(self, loss, start_iter, average_loss):
+    def _update_smoothed_loss(self, loss, average_loss):
+        """Caffe's UpdateSmoothedLoss: the mean of the last average_loss losses, updated by
+        replacing the oldest (Caffe's ring index (iter - start_iter) % average_loss is the
+        oldest slot; the window here is a deque in age order, so it can be carried on)."""
         if len(self._losses) < average_loss:
             self._losses.append(loss)
             n = len(self._losses)
             self.smoothed_loss = _F32((self.smoothed_loss * (n - 1) + loss) / n)
         else:
-            idx = (self.iter - start_iter) % average_loss
-            self.smoothed_loss = _F32(
-                self.smoothed_loss + (loss - self._losses[idx]) / average_loss
-            )
-            self._losses[idx] = loss
+            self.smoothed_loss = _F32(self.smoothed_loss + (loss - self._losses[0]) / average_loss)
+            self._losses.append(loss)  # maxlen: drops the oldest
+
+    def loss_window(self):
+        """(the losses averaged into smoothed_loss, oldest first; smoothed_loss) as floats."""
+        return [float(x) for x in self._losses], float(self.smoothed_loss)
+
+    def resume_loss_window(self, losses, smoothed):
+        """Have the next step() go on with a loss window from loss_window() instead of an
+        empty one (Caffe's Step starts afresh; a stage retry of a run does not)."""
+        self._window_to_resume = (list(losses), smoothed)
 
     def _log_outputs(self, kind, net, values):
         """Caffe's `    Train net output #k: name = v (* w = w*v loss)` lines."""
@@ -487,10 +498,14 @@ class Solver:
     def step(self, iters):
         """Caffe's Solver::Step: run `iters` iterations (tests, display, snapshots)."""
         p = self.param
-        start_iter = self.iter
         stop_iter = self.iter + int(iters)
-        self._losses = []
+        self._losses = collections.deque(maxlen=max(1, int(p.average_loss)))
         self.smoothed_loss = _F32(0)
+        if self._window_to_resume is not None:
+            losses, smoothed = self._window_to_resume
+            self._window_to_resume = None
+            self._losses.extend(_F32(x) for x in losses)
+            self.smoothed_loss = _F32(smoothed)
         self._iterations_last = self.iter
         timer = time.perf_counter()
         while self.iter < stop_iter:
@@ -510,7 +525,7 @@ class Solver:
             for _ in range(p.iter_size):
                 loss += _F32(self.net.forward_backward())
             loss /= _F32(p.iter_size)
-            self._update_smoothed_loss(loss, start_iter, p.average_loss)
+            self._update_smoothed_loss(loss, p.average_loss)
             if display:
                 lapse = time.perf_counter() - timer
                 per_s = (self.iter - self._iterations_last) / (lapse or 1.0)
@@ -546,7 +561,6 @@ class Solver:
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
-        start_iter = self.iter
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
@@ -555,7 +569,7 @@ class Solver:
             return
         if p.display and self.iter % p.display == 0:
             loss = _F32(self.net.forward_from_to())
-            self._update_smoothed_loss(loss, start_iter, p.average_loss)
+            self._update_smoothed_loss(loss, p.average_loss)
             log.info("Iteration %d, loss = %s", self.iter, _fmt(self.smoothed_loss))
         if p.test_interval and self.iter % p.test_interval == 0:
             self.test_all()
