@@ -166,7 +166,12 @@ class Config:
         ".caffemodel to initialise (fine-tune) the training net from; with -snapshot, the "
         "snapshot's weights (CaffeOnSpark's -snapshot S -weights M)",
     )
-    resize = Flag(bool, False, "resize every image to the size of the first one (image sources)")
+    resize = Flag(
+        bool,
+        False,
+        "resize every image to the layer's memory_data_param height x width (CaffeOnSpark "
+        "prototxts), else to the size of the first one (image sources)",
+    )
     lmdb_partitions = Flag(
         int,
         0,

@@ -79,6 +79,15 @@ def raw_shape(layer):
     return shape if all(shape) else None
 
 
+def resize_target(layer):
+    """(height, width) that -resize scales a CaffeOnSpark layer's images to (its
+    memory_data_param height and width, as CaffeOnSpark did), or None when it gives none."""
+    mp = layer.memory_data_param
+    if source_class(layer) is None or not (mp.height and mp.width):
+        return None
+    return int(mp.height), int(mp.width)
+
+
 def parse_hint(message):
     """A hint to add to a prototxt parse error that comes from CaffeOnSpark's dialect."""
     if "cos_data_param" in message or '"CoSData"' in message:

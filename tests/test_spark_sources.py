@@ -16,6 +16,7 @@ from caffeonspark.sources import as_data_layer, open_spec, rewrite_net
 from caffeonspark.sources.dataframe import (
     OPTIONAL_COLUMNS,
     ArrowRecordSource,
+    DataFrameSource,
     RowConverter,
     looks_encoded,
     write_arrow,
@@ -168,6 +169,28 @@ def test_row_converter_resize():
     _, value = conv({"data": png(img), "label": 1}, 0)
     d = caffe_pb2.Datum.FromString(value)
     assert not d.encoded and (d.channels, d.height, d.width) == (1, 3, 4)
+
+
+class _Frame:
+    """Enough of a DataFrame for DataFrameSource's set-up (its column types)."""
+
+    dtypes = [("data", "binary"), ("label", "string")]
+
+    def select(self, *columns):
+        raise AssertionError("the resize target should not need the first row")
+
+
+def test_resize_goes_to_a_caffeonspark_layers_height_and_width():
+    layer = text_format.Parse(
+        'name: "d" type: "Data" source_class: "com.yahoo.ml.caffe.ImageDataFrame" '
+        "memory_data_param { batch_size: 2 channels: 3 height: 5 width: 7 }",
+        caffe_pb2.LayerParameter(),
+    )
+    conf = type("Conf", (), {"resize": True})()
+    source = DataFrameSource(conf, layer, TRAIN, _Frame())
+    assert source._converter().resize_to == (5, 7)  # CaffeOnSpark's target, not the first image
+    conf.resize = False
+    assert source._converter().resize_to is None
 
 
 def test_looks_encoded():

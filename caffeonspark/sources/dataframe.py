@@ -96,7 +96,7 @@ class DataFrameSource(DataSource):
     def _converter(self):
         from engine.data.datum import decode_mode
 
-        resize = self.conf.resize and self._first_size()
+        resize = self.conf.resize and (dialect.resize_target(self.layer) or self._first_size())
         tp, dp = self.layer.transform_param, self.layer.data_param
         mode = decode_mode(tp.force_color or dp.force_encoded_color, tp.force_gray)
         return RowConverter(self.columns, self.name, resize or None, mode)
