@@ -2,6 +2,7 @@
 source) load as Data layers and pick their source; what cannot run is refused by name. The
 DataFrame side (CaffeOnSpark's table layout) runs on Spark in test_spark_cluster."""
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from test_spark_sources import write_lmdb
@@ -9,6 +10,7 @@ from test_spark_sources import write_lmdb
 from caffeonspark import Config, ConfigError, DataSource, SourceError
 from caffeonspark.config import TEST, TRAIN
 from caffeonspark.sources.dataframe import RowConverter
+from engine.data.datum import datum_to_array
 from engine.proto import caffe_pb2
 
 LAYERS = """
@@ -140,6 +142,21 @@ def test_row_converter_reads_string_labels():
     for bad in ("cat", "2.5", float("nan")):
         with pytest.raises(SourceError, match="is not an integer"):
             conv(dict(row, label=bad), 0)
+
+
+def test_caffeonspark_raw_pixels_are_in_opencv_order():
+    """CaffeOnSpark's LMDB2DataFrame stored colour pixels interleaved (height, width, channels);
+    the Datum gets Caffe's planes. Our own tables keep Caffe's order."""
+    from caffeonspark.sources.dataframe import HWC
+
+    hwc = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)  # H=2, W=3, C=3
+    row = {"data": hwc.tobytes(), "label": 1, "channels": 3, "height": 2, "width": 3}
+    _, value = RowConverter(["data", "label"], "t", None, pixel_order=HWC)(row, 0)
+    got = datum_to_array(caffe_pb2.Datum.FromString(value), "t")
+    np.testing.assert_array_equal(got, hwc.transpose(2, 0, 1))
+    _, value = RowConverter(["data", "label"], "t", None)(row, 0)
+    got = datum_to_array(caffe_pb2.Datum.FromString(value), "t")
+    np.testing.assert_array_equal(got, hwc.reshape(3, 2, 3))
 
 
 def test_encoded_looking_raw_data_says_how_to_mark_it():

@@ -679,6 +679,47 @@ def test_caffeonspark_prototxts_run_unchanged(spark, data, caplog):
     assert 0 <= cos.test(source)["accuracy"] <= 1
 
 
+def test_caffeonspark_tables_keep_opencv_pixel_order(spark, tmp_path):
+    """Colour raw pixels in a CaffeOnSpark table (its LMDB2DataFrame interleaved them: height,
+    width, channels) reach the records in Caffe's planes; a table our export wrote (SampleID,
+    Caffe's order already) is read as it is."""
+    from caffeonspark.export import source_frame
+
+    hwc = [np.arange(12, dtype=np.uint8).reshape(2, 2, 3) + 20 * i for i in range(3)]
+    theirs = [(f"r{i}", str(i), 3, 2, 2, False, a.tobytes()) for i, a in enumerate(hwc)]
+    ours = [(f"r{i}", i, 3, 2, 2, False, a.transpose(2, 0, 1).tobytes()) for i, a in enumerate(hwc)]
+    tables = {
+        "theirs": spark.createDataFrame(
+            theirs,
+            "id string, label string, channels int, height int, width int, "
+            "encoded boolean, data binary",
+        ),
+        "ours": spark.createDataFrame(
+            ours,
+            "SampleID string, label int, channels int, height int, width int, "
+            "encoded boolean, data binary",
+        ),
+    }
+    tail = """layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+      inner_product_param { num_output: 2 } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }"""
+    for name, df in tables.items():
+        df.write.parquet(str(tmp_path / name))
+        layer = f"""layer {{ name: "data" type: "MemoryData" top: "data" top: "label"
+          source_class: "com.yahoo.ml.caffe.ImageDataFrame"
+          memory_data_param {{ source: "{tmp_path / name}" batch_size: 2 channels: 3
+            height: 2 width: 2 }} }}"""
+        (tmp_path / f"{name}.prototxt").write_text(f'name: "n"\n{layer}\n{tail}')
+        solver = tmp_path / f"{name}_solver.prototxt"
+        solver.write_text(f'net: "{tmp_path / name}.prototxt" base_lr: 0.1 lr_policy: "fixed"')
+        conf = Config(spark, conf=str(solver))
+        got = {
+            r.SampleID: r.data for r in source_frame(spark, DataSource.get(conf, False)).collect()
+        }
+        want = {f"r{i}": a.transpose(2, 0, 1).tobytes() for i, a in enumerate(hwc)}
+        assert got == want, name
+
+
 # --- failing fast --------------------------------------------------------------------------------
 
 

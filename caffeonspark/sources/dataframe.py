@@ -5,6 +5,10 @@ Columns: `data` (binary: an encoded image, raw uint8 pixels, or a serialized Dat
 `label` (a number); optional `SampleID` (the record's id in -features output), `channels`,
 `height`, `width` (the shape of raw pixels) and `encoded` (bool). Training shards are row
 i -> rank i mod N, in row order, so shard sizes differ by at most one.
+
+Raw pixels are in Caffe's Datum order (channels, height, width), as our export writes them,
+except in CaffeOnSpark's own tables and sequence files: its LMDB2DataFrame and LMDB2Sequence
+stored OpenCV's order (height, width, channels), which its data sources read back.
 """
 
 import math
@@ -20,6 +24,7 @@ from engine.data.sources import DataSourceError, RecordSource
 
 TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".json": "json", ".orc": "orc"}
 OPTIONAL_COLUMNS = ("SampleID", "channels", "height", "width", "encoded")
+CHW, HWC = "chw", "hwc"  # raw pixel orders: Caffe's Datum, CaffeOnSpark's (OpenCV's Mat)
 _ARROW_BATCH = 512
 
 
@@ -49,9 +54,12 @@ class DataFrameSource(DataSource):
 
     kind = "dataframe"
 
-    def __init__(self, conf, layer, phase, df):
+    def __init__(self, conf, layer, phase, df, pixel_order=CHW):
         super().__init__(conf, layer, phase)
+        if pixel_order not in (CHW, HWC):
+            raise ValueError(f"pixel_order must be {CHW!r} or {HWC!r}, got {pixel_order!r}")
         self.df = df
+        self.pixel_order = pixel_order
         self._check_columns()
         self._resize_to = None
 
@@ -76,7 +84,12 @@ class DataFrameSource(DataSource):
         except Exception as e:  # noqa: BLE001 - AnalysisException and py4j errors
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SourceError(f"{name}: cannot read {fmt} table {path}: {first}") from None
-        return cls(conf, layer, phase, cos_columns(df, layer) if cos else df)
+        if not cos:
+            return cls(conf, layer, phase, df)
+        # A CaffeOnSpark table keeps its raw pixels in OpenCV's order; one our export wrote
+        # (it has a SampleID column) keeps Caffe's.
+        order = CHW if "SampleID" in df.columns else HWC
+        return cls(conf, layer, phase, cos_columns(df, layer), pixel_order=order)
 
     def _check_columns(self):
         cols = dict(self.df.dtypes)
@@ -99,7 +112,7 @@ class DataFrameSource(DataSource):
         resize = self.conf.resize and (dialect.resize_target(self.layer) or self._first_size())
         tp, dp = self.layer.transform_param, self.layer.data_param
         mode = decode_mode(tp.force_color or dp.force_encoded_color, tp.force_gray)
-        return RowConverter(self.columns, self.name, resize or None, mode)
+        return RowConverter(self.columns, self.name, resize or None, mode, self.pixel_order)
 
     def _first_size(self):
         """(height, width) of the first record, the target of -resize."""
@@ -107,7 +120,8 @@ class DataFrameSource(DataSource):
             row = self.df.select(*self.columns).first()
             if row is None:
                 raise SourceError(f"{self.name}: the DataFrame is empty")
-            arr = RowConverter(self.columns, self.name, None).array(row.asDict(), "row 0")
+            convert = RowConverter(self.columns, self.name, None, pixel_order=self.pixel_order)
+            arr = convert.array(row.asDict(), "row 0")
             self._resize_to = (int(arr.shape[1]), int(arr.shape[2]))
         return self._resize_to
 
@@ -161,13 +175,15 @@ def cos_columns(df, layer):
 
 
 class RowConverter:
-    """A row (dict of the source columns) -> (key, serialized Datum)."""
+    """A row (dict of the source columns) -> (key, serialized Datum); raw pixels are read in
+    `pixel_order` (CHW or HWC) and stored in the Datum's CHW."""
 
-    def __init__(self, columns, name, resize_to, mode=images.UNCHANGED):
+    def __init__(self, columns, name, resize_to, mode=images.UNCHANGED, pixel_order=CHW):
         self.columns = columns
         self.name = name
         self.resize_to = resize_to
         self.mode = mode  # how encoded images are decoded when they must be (-resize)
+        self.pixel_order = pixel_order
 
     def key(self, row, index):
         sid = row.get("SampleID")
@@ -221,7 +237,11 @@ class RowConverter:
                     f"{self.name} {what}: {len(data)} bytes of data but channels x height x "
                     f"width = {c}x{h}x{w} = {c * h * w}{hint}"
                 )
-            arr = np.frombuffer(data, dtype=np.uint8).reshape(c, h, w)
+            arr = np.frombuffer(data, dtype=np.uint8)
+            if self.pixel_order == HWC:
+                arr = arr.reshape(h, w, c).transpose(2, 0, 1)
+            else:
+                arr = arr.reshape(c, h, w)
             return array_to_datum(self._resized(arr), label)
         try:
             datum = parse_datum(data, what)

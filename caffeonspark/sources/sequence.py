@@ -4,7 +4,8 @@ A Hadoop SequenceFile of (BytesWritable key, BytesWritable value) pairs, as Caff
 Binary2Sequence and LMDB2Sequence tools wrote them: the value holds the image bytes, the key a
 Java-serialized record header, one of
   scala.Tuple2(id, label) or com.yahoo.ml.dl.caffe.Pair(id, label): an encoded image;
-  scala.Tuple6(id, label, channels, height, width, encoded): raw pixels when not encoded.
+  scala.Tuple6(id, label, channels, height, width, encoded): raw pixels when not encoded,
+  interleaved in OpenCV's order (height, width, channels).
 Spark's JVM reads the files (any Hadoop file system); the keys are decoded here, in the
 tasks, by a reader of Java's object serialization stream format (the subset those headers
 use: objects, strings, boxed primitives, references, arrays). The rows then take the
@@ -298,7 +299,7 @@ def read(conf, layer, phase):
     """A DataFrameSource over the layer's sequence files (memory_data_param.source)."""
     from pyspark.sql import types as T
 
-    from caffeonspark.sources.dataframe import DataFrameSource
+    from caffeonspark.sources.dataframe import HWC, DataFrameSource
 
     name = describe_layer(layer, phase)
     spark = conf.spark
@@ -330,4 +331,6 @@ def read(conf, layer, phase):
         ]
     )
     rows = pairs.mapPartitionsWithIndex(SequenceRows(f"{name} ({storage.shown(path)})"))
-    return DataFrameSource(conf, layer, phase, spark.createDataFrame(rows, schema))
+    # CaffeOnSpark wrote raw pixels in OpenCV's order (LMDB2Sequence), as its reader expects.
+    df = spark.createDataFrame(rows, schema)
+    return DataFrameSource(conf, layer, phase, df, pixel_order=HWC)
