@@ -24,6 +24,7 @@ from caffeonspark.sources import (
     SourceError,
     SourceFactory,
     key_text,
+    layer_batch_size,
     partition_source,
     rewrite_net,
 )
@@ -446,6 +447,7 @@ class KeyedSource(RecordSource):
         self.inner = inner
         self.name = inner.name
         self.keys = collections.deque()
+        self.resize_images = getattr(inner, "resize_images", False)  # for a CoSData layer
 
     def one_pass(self):
         for key, value in self.inner.one_pass():
@@ -491,7 +493,7 @@ def run_inference(net_bytes, layer, model_bytes, source, mode, what, progress=No
 
     net_param = caffe_pb2.NetParameter.FromString(net_bytes)
     weights = caffe_pb2.NetParameter.FromString(model_bytes)
-    batch = next(lp.data_param.batch_size for lp in net_param.layer if lp.name == layer)
+    batch = next(layer_batch_size(lp) for lp in net_param.layer if lp.name == layer)
     keyed = KeyedSource(source)
     factory = SourceFactory()
     factory.add(layer, TEST, keyed)

@@ -18,7 +18,7 @@ TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
 
 # Layer types the Spark side can feed (DataSource.get picks the source from them).
-DATA_LAYER_TYPES = ("Data", "ImageData")
+DATA_LAYER_TYPES = ("Data", "ImageData", "CoSData")
 
 
 class ConfigError(ValueError):
@@ -412,14 +412,15 @@ class Config:
         return filter_net(param)
 
     def data_layer(self, phase):
-        """The LayerParameter of the net's data layer in `phase` (Data or ImageData)."""
+        """The LayerParameter of the net's data layer in `phase` (Data, ImageData or
+        CaffeOnSpark's CoSData)."""
         net = self.net_param(phase)
         found = [lp for lp in net.layer if lp.type in DATA_LAYER_TYPES]
         phase_name = caffe_pb2.Phase.Name(phase)
         if not found:
             types = ", ".join(sorted({lp.type for lp in net.layer})) or "none"
             raise ConfigError(
-                f"{self.conf}: net {net.name!r} has no Data or ImageData layer in the "
+                f"{self.conf}: net {net.name!r} has no Data, ImageData or CoSData layer in the "
                 f"{phase_name} phase (layer types: {types}); CaffeOnSpark feeds the net "
                 "through one"
             )
@@ -483,7 +484,7 @@ def _read_text(uri, msg, what):
     try:
         return engine_io.parse_prototxt(text, msg, source=uri)
     except engine_io.CaffeFileError as e:
-        raise ConfigError(str(e) + dialect.parse_hint(str(e))) from None
+        raise ConfigError(str(e)) from None
 
 
 def load_solver(conf):
@@ -559,6 +560,7 @@ def absolutize_net_paths(net):
             ("image_data_param", "source"),
             ("hdf5_data_param", "source"),
             ("window_data_param", "source"),
+            ("cos_data_param", "source"),
             ("data_param", "mean_file"),
             ("image_data_param", "mean_file"),
             ("transform_param", "mean_file"),
@@ -571,6 +573,9 @@ def absolutize_net_paths(net):
                 setattr(msg, field, storage.absolute(getattr(msg, field)))
         if lp.HasField("image_data_param") and lp.image_data_param.root_folder:
             lp.image_data_param.root_folder = _abs_keep_sep(lp.image_data_param.root_folder)
+        for top in lp.cos_data_param.top:  # CoSData: a transform per top
+            if top.transform_param.HasField("mean_file"):
+                top.transform_param.mean_file = storage.absolute(top.transform_param.mean_file)
 
 
 def solver_text(param):

@@ -86,15 +86,3 @@ def resize_target(layer):
     if source_class(layer) is None or not (mp.height and mp.width):
         return None
     return int(mp.height), int(mp.width)
-
-
-def parse_hint(message):
-    """A hint to add to a prototxt parse error that comes from CaffeOnSpark's dialect."""
-    if "cos_data_param" in message or '"CoSData"' in message:
-        return (
-            "; CaffeOnSpark's CoSData layer is not supported: use a MemoryData layer with "
-            f'source_class "{PACKAGE}{LMDB}", "{PACKAGE}{IMAGE_DATA_FRAME}" or '
-            f'"{PACKAGE}{SEQ_IMAGE}", or a Data '
-            "layer with data_param.source"
-        )
-    return ""

@@ -543,11 +543,11 @@ def records_consumed(param, job, iteration, start):
     A stage retry skips that many (modulo its shard) to read what the failed attempt would
     have read next; Caffe's own restore (and -snapshot) starts its data afresh instead."""
     from caffeonspark.config import solver_test_net, solver_train_net
-    from caffeonspark.sources import fed_layer
+    from caffeonspark.sources import fed_layer, layer_batch_size
     from engine.proto import caffe_pb2
 
     train_layer = fed_layer(solver_train_net(param), job["train_layer"], caffe_pb2.TRAIN)
-    batch = train_layer.data_param.batch_size
+    batch = layer_batch_size(train_layer)
     steps = iteration - start
     out = {caffe_pb2.TRAIN: steps * max(1, param.iter_size) * batch, caffe_pb2.TEST: 0}
     interval = param.test_interval
@@ -557,7 +557,7 @@ def records_consumed(param, job, iteration, start):
         if start == 0 and not param.test_initialization:
             runs -= 1
         layer = fed_layer(solver_test_net(param), job["validation_layer"], caffe_pb2.TEST)
-        out[caffe_pb2.TEST] = runs * param.test_iter[0] * layer.data_param.batch_size
+        out[caffe_pb2.TEST] = runs * param.test_iter[0] * layer_batch_size(layer)
     return out
 
 

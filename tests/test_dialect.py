@@ -126,12 +126,26 @@ def test_missing_batch_size_is_named(tmp_path, lmdb):
         load(solver(tmp_path, train, ""))
 
 
-def test_cos_data_layer_gets_a_hint(tmp_path):
-    train = """layer { name: "data" type: "CoSData" top: "data"
-      source_class: "com.yahoo.ml.caffe.DataFrameSource"
-      cos_data_param { source: "x" batch_size: 4 } }"""
-    with pytest.raises(ConfigError, match="no field named.*CoSData layer is not supported"):
-        load(solver(tmp_path, train, ""))
+def test_cos_data_layer_is_the_data_layer(tmp_path):
+    """CaffeOnSpark's CoSData layer (DataFrameSource) loads; its source is a table."""
+    train = """layer { name: "data" type: "CoSData" top: "data" top: "label"
+      include { phase: TRAIN } source_class: "com.yahoo.ml.caffe.DataFrameSource"
+      cos_data_param { source: "rel/table" batch_size: 4
+        top { name: "data" type: RAW_IMAGE channels: 1 height: 28 width: 28
+               transform_param { scale: 0.00390625 mean_file: "mean.binaryproto" } }
+        top { name: "label" type: STRING channels: 1 height: 1 width: 1 } } }"""
+    conf = Config(conf=solver(tmp_path, train, ""))
+    layer = conf.data_layer(TRAIN)
+    assert layer.type == "CoSData"
+    # Relative paths become absolute, the per-top mean file too.
+    assert layer.cos_data_param.source.endswith("/rel/table")
+    assert layer.cos_data_param.top[0].transform_param.mean_file.startswith("/")
+    with pytest.raises(SourceError, match="reading a table needs a SparkSession"):
+        DataSource.get(conf, is_train=True)
+    bad = train.replace("DataFrameSource", "LMDB")
+    conf = Config(conf=solver(tmp_path, bad, ""))
+    with pytest.raises(SourceError, match="CoSData layer reads through .*DataFrameSource"):
+        DataSource.get(conf, is_train=True)
 
 
 def test_row_converter_reads_string_labels():

@@ -234,6 +234,7 @@ FIELD_NUMBERS = [
     ("LayerParameter", "tanh_param", 127),
     ("LayerParameter", "threshold_param", 128),
     ("LayerParameter", "window_data_param", 129),
+    ("LayerParameter", "cos_data_param", 1151),  # CaffeOnSpark (our number: see caffe.proto)
     ("LayerParameter", "python_param", 130),
     ("LayerParameter", "prelu_param", 131),
     ("LayerParameter", "spp_param", 132),

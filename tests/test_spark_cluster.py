@@ -720,6 +720,75 @@ def test_caffeonspark_tables_keep_opencv_pixel_order(spark, tmp_path):
         assert got == want, name
 
 
+def test_caffeonspark_cos_data_layer(spark, data, tmp_path):
+    """CaffeOnSpark's CoSData layer over DataFrameSource tables, as its lenet_cos prototxt
+    has it: TRAIN raw pixels and string labels; TEST 30x30 PNGs that -resize brings to
+    28x28, integer labels, no id column. Trains on 2 ranks; features and test see every row
+    (27: a partial last batch)."""
+    images, labels = digits(64)
+    train_rows = [
+        (f"t{i}", str(int(lab)), img.tobytes()) for i, (img, lab) in enumerate(zip(images, labels))
+    ]
+    spark.createDataFrame(train_rows, "id string, label string, data binary").repartition(
+        3
+    ).write.parquet(str(tmp_path / "train"))
+    timages, tlabels = digits(27, "test")
+    big = [np.pad(img, 1) for img in timages]  # 30x30: only -resize makes them fit
+    test_rows = [(int(lab), png_bytes(img)) for img, lab in zip(big, tlabels)]
+    # One part file: rows keep their order, so the row numbers (the keys) name the digits.
+    spark.createDataFrame(test_rows, "label int, data binary").coalesce(1).write.parquet(
+        str(tmp_path / "test")
+    )
+
+    def cos_data(lp):
+        train = lp.include[0].phase == caffe_pb2.TRAIN
+        lp.type = "CoSData"
+        lp.ClearField("transform_param")
+        lp.source_class = "com.yahoo.ml.caffe.DataFrameSource"
+        image = "RAW_IMAGE" if train else "ENCODED_IMAGE"
+        label = "STRING" if train else "INT"
+        text_format.Merge(
+            f"""cos_data_param {{ source: "{tmp_path / ("train" if train else "test")}"
+              batch_size: {16 if train else 10}
+              top {{ name: "data" type: {image} channels: 1 height: 28 width: 28
+                     transform_param {{ scale: 0.00390625 }} }}
+              top {{ name: "label" type: {label} channels: 1 height: 1 width: 1 }} }}""",
+            lp,
+        )
+
+    solver = write_lenet(tmp_path, cos_data, "max_iter: 4 random_seed: 3")
+    conf = Config(spark, conf=solver, model=str(tmp_path / "m.caffemodel"), clusterSize=2)
+    cos = CaffeOnSpark(spark)
+    summary = cos.train(DataSource.get(conf, True))
+    assert summary.iterations == 4 and summary.ranks == 2
+    conf.features, conf.label, conf.resize = ["ip2"], "label", True
+    source = DataSource.get(conf, False)
+    assert source.kind == "columns" and source.count() == 27
+    rows = cos.features(source).collect()
+    assert sorted(r.SampleID for r in rows) == sorted(str(i) for i in range(27))
+    assert {r.SampleID: int(r.label[0]) for r in rows} == {
+        str(i): int(lab) for i, lab in enumerate(tlabels)
+    }
+    assert all(len(r.ip2) == 10 for r in rows)
+    assert 0 <= cos.test(source)["accuracy"] <= 1
+    conf.resize = False  # without -resize the 30x30 images do not fit the top
+    with pytest.raises(Exception, match="the image is 30x30, the top takes 28x28"):
+        cos.test(DataSource.get(conf, False))
+
+
+def test_cos_data_column_types_are_checked_before_any_job(spark, tmp_path):
+    spark.createDataFrame([(1, b"x")], "label int, data binary").write.parquet(str(tmp_path / "t"))
+    layer = f"""layer {{ name: "d" type: "CoSData" top: "data" top: "label"
+      cos_data_param {{ source: "{tmp_path / "t"}" batch_size: 1
+        top {{ name: "data" type: ENCODED_IMAGE channels: 1 height: 2 width: 2 }}
+        top {{ name: "label" type: STRING }} }} }}"""
+    (tmp_path / "net.prototxt").write_text(f'name: "n"\n{layer}')
+    (tmp_path / "s.prototxt").write_text(f'net: "{tmp_path}/net.prototxt" base_lr: 0.1')
+    conf = Config(spark, conf=str(tmp_path / "s.prototxt"))
+    with pytest.raises(SourceError, match="column 'label' is int, but top 'label' is STRING"):
+        DataSource.get(conf, False)
+
+
 # --- failing fast --------------------------------------------------------------------------------
 
 

@@ -192,7 +192,7 @@ def test_net_without_data_layer_is_rejected(tmp_path):
         "input_param { shape { dim: 1 dim: 2 } } }"
     )
     (tmp_path / "s.prototxt").write_text(f'net: "{tmp_path}/net.prototxt" lr_policy: "fixed"')
-    with pytest.raises(ConfigError, match="no Data or ImageData layer in the TRAIN phase"):
+    with pytest.raises(ConfigError, match="no Data, ImageData or CoSData layer in the TRAIN phase"):
         Config(conf=str(tmp_path / "s.prototxt")).data_layer(TRAIN)
 
 

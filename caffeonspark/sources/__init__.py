@@ -42,15 +42,18 @@ class DataSource:
     @staticmethod
     def get(conf, is_train):
         """The source the net's TRAIN (is_train) or TEST data layer reads, chosen from its
-        type and source path: ImageData -> image list; a Data layer's LMDB -> LMDB; a
-        Parquet / JSON / ORC path -> DataFrame; in CaffeOnSpark's prototxts, its
-        source_class (caffeonspark.dialect), sequence files included."""
-        from caffeonspark.sources import dataframe, images, lmdb, sequence
+        type and source path: ImageData -> image list; CoSData -> its table's columns; a
+        Data layer's LMDB -> LMDB; a Parquet / JSON / ORC path -> DataFrame; in
+        CaffeOnSpark's prototxts, its source_class (caffeonspark.dialect), sequence files
+        included."""
+        from caffeonspark.sources import columns, dataframe, images, lmdb, sequence
 
         phase = caffe_pb2.TRAIN if is_train else caffe_pb2.TEST
         layer = conf.data_layer(phase)
         if layer.type == "ImageData":
             return images.ImageListSource(conf, layer, phase)
+        if layer.type == "CoSData":
+            return columns.read(conf, layer, phase)
         path = layer.data_param.source
         if not path:
             raise SourceError(f"{describe_layer(layer, phase)}: data_param.source is not set")
@@ -79,9 +82,7 @@ class DataSource:
 
     @property
     def batch_size(self):
-        if self.layer.type == "ImageData":
-            return int(self.layer.image_data_param.batch_size)
-        return int(self.layer.data_param.batch_size)
+        return layer_batch_size(self.layer)
 
     def count(self, spark):
         """Records in the whole source."""
@@ -130,6 +131,19 @@ def key_text(key):
     return str(key)
 
 
+# The data layers the Spark side feeds, and the parameter that holds each one's batch size.
+FED_TYPES = {"Data": "data_param", "ImageData": "image_data_param", "CoSData": "cos_data_param"}
+
+
+def layer_batch_size(layer):
+    """The batch size of a fed data layer (a LayerParameter)."""
+    return int(getattr(layer, FED_TYPES.get(layer.type, "data_param")).batch_size)
+
+
+def set_layer_batch_size(layer, n):
+    getattr(layer, FED_TYPES.get(layer.type, "data_param")).batch_size = int(n)
+
+
 def describe_layer(layer, phase):
     return f"layer {layer.name!r} ({layer.type}, {caffe_pb2.Phase.Name(phase)})"
 
@@ -141,6 +155,10 @@ def open_spec(spec):
         from caffeonspark.sources.lmdb import open_lmdb_spec
 
         return open_lmdb_spec(spec)
+    if kind == "arrow" and spec.get("fields"):
+        from caffeonspark.sources.columns import ColumnsRecordSource
+
+        return ColumnsRecordSource(spec["path"], spec["name"], spec.get("resize", False))
     if kind == "arrow":
         from caffeonspark.sources.dataframe import ArrowRecordSource
 
@@ -165,8 +183,8 @@ def partition_source(localizer, items, index, num, what):
 
 def as_data_layer(layer):
     """The LayerParameter the worker's net uses for a fed layer: ImageData becomes a Data
-    layer over already decoded (and resized) records, with its transform kept; a Data layer
-    is kept as it is. Prefetch is left as configured."""
+    layer over already decoded (and resized) records, with its transform kept; Data and
+    CoSData layers are kept as they are. Prefetch is left as configured."""
     out = caffe_pb2.LayerParameter()
     out.CopyFrom(layer)
     if layer.type != "ImageData":
@@ -190,7 +208,7 @@ def rewrite_net(net_param, layer_name, phase, batch_size=None, prefetch=None):
     for i in _fed_indices(out, layer_name, phase):
         new = as_data_layer(out.layer[i])
         if batch_size is not None:
-            new.data_param.batch_size = int(batch_size)
+            set_layer_batch_size(new, batch_size)
         if prefetch is not None:
             new.data_param.prefetch = int(prefetch)
         out.layer[i].CopyFrom(new)
@@ -198,7 +216,7 @@ def rewrite_net(net_param, layer_name, phase, batch_size=None, prefetch=None):
 
 
 def fed_layer(net_param, layer_name, phase):
-    """The Data / ImageData layer `layer_name` of `net_param` in `phase` (the first one)."""
+    """The fed data layer `layer_name` of `net_param` in `phase` (the first one)."""
     return net_param.layer[_fed_indices(net_param, layer_name, phase)[0]]
 
 
@@ -207,7 +225,7 @@ def _fed_indices(net_param, layer_name, phase):
         i
         for i, lp in enumerate(net_param.layer)
         if lp.name == layer_name
-        and lp.type in ("Data", "ImageData")
+        and lp.type in FED_TYPES
         and _layer_in_phase(lp, phase, net_param.state)
     ]
     if not found:
@@ -252,6 +270,7 @@ __all__ = [
     "as_data_layer",
     "describe_layer",
     "fed_layer",
+    "layer_batch_size",
     "open_spec",
     "rewrite_net",
 ]

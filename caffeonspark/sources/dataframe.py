@@ -140,7 +140,7 @@ class DataFrameSource(DataSource):
             .map(key_by_index)
             .repartitionAndSortWithinPartitions(num, rank_of),
         )
-        return rdd, ArrowLocalizer(self._converter(), self.name, shuffle_seed=None)
+        return rdd, self._localizer()
 
     def partitions(self, spark):
         def key_by_index(pair):
@@ -150,7 +150,10 @@ class DataFrameSource(DataSource):
         rdd = self._persist(
             ("partitions",), self.df.select(*self.columns).rdd.zipWithIndex().map(key_by_index)
         )
-        return rdd, ArrowLocalizer(self._converter(), self.name, shuffle_seed=None)
+        return rdd, self._localizer()
+
+    def _localizer(self):
+        return ArrowLocalizer(self._converter(), self.name)
 
 
 def cos_columns(df, layer):
@@ -297,12 +300,14 @@ def looks_encoded(data):
 
 class ArrowLocalizer:
     """Runs in the task: converts the partition's (index, row) items to Datum records and
-    spills them to `<workdir>/records-<index>.arrow`; returns the spec."""
+    spills them to `<workdir>/records-<index>.arrow`; returns the spec (with `spec_extra`'s
+    entries)."""
 
-    def __init__(self, convert, name, shuffle_seed=None):
+    def __init__(self, convert, name, shuffle_seed=None, spec_extra=None):
         self.convert = convert
         self.name = name
         self.shuffle_seed = shuffle_seed
+        self.spec_extra = dict(spec_extra or {})
 
     def __call__(self, items, workdir, index, num):
         def records():
@@ -311,7 +316,9 @@ class ArrowLocalizer:
 
         path = os.path.join(workdir, f"records-{index}.arrow")
         count = write_arrow(path, records(), self.shuffle_seed)
-        return {"kind": "arrow", "path": path, "count": count, "name": f"{self.name} part {index}"}
+        spec = {"kind": "arrow", "path": path, "count": count, "name": f"{self.name} part {index}"}
+        spec.update(self.spec_extra)
+        return spec
 
 
 def write_arrow(path, records, shuffle_seed=None):
