@@ -207,3 +207,40 @@ def test_without_a_table_the_error_says_where(tmp_path):
     tops = 'top { name: "label" type: STRING }'
     with pytest.raises(LayerError, match=r"table .*missing.parquet not found"):
         caffe.Net(cos_net(tmp_path / "missing.parquet", tops, ["label"]), caffe.TEST)
+
+
+def test_transposed_sequences_feed_an_lstm(tmp_path):
+    """LRCN's layout (CaffeOnSpark's lrcn_cos.prototxt): sentences as INT_ARRAY columns,
+    transposed to T x N for Embed and LSTM; the loss ignores the padding (-1)."""
+    T, rows = 5, 4
+    words = [[1 + (i + t) % 8 for t in range(T)] for i in range(rows)]
+    target = [w[1:] + [-1] for w in words]
+    cont = [[0] + [1] * (T - 1) for _ in range(rows)]
+    pq.write_table(
+        pa.table({"input": words, "target": target, "cont": cont}), tmp_path / "s.parquet"
+    )
+    tops = "".join(
+        f'top {{ name: "{n}" type: INT_ARRAY channels: {T} sample_num_axes: 1 transpose: true }}'
+        for n in ("input", "cont", "target")
+    )
+    layers = """
+      layer { name: "embed" type: "Embed" bottom: "input" top: "emb"
+        embed_param { input_dim: 10 num_output: 4 bias_term: false
+          weight_filler { type: "uniform" min: -0.1 max: 0.1 } } }
+      layer { name: "lstm" type: "LSTM" bottom: "emb" bottom: "cont" top: "h"
+        recurrent_param { num_output: 6 weight_filler { type: "uniform" min: -0.1 max: 0.1 } } }
+      layer { name: "predict" type: "InnerProduct" bottom: "h" top: "predict"
+        inner_product_param { num_output: 10 axis: 2 weight_filler { type: "xavier" } } }
+      layer { name: "loss" type: "SoftmaxWithLoss" bottom: "predict" bottom: "target"
+        top: "loss" loss_param { ignore_label: -1 } softmax_param { axis: 2 } }"""
+    net = caffe.Net(
+        cos_net(tmp_path / "s.parquet", tops, ["input", "cont", "target"], 2, layers), caffe.TRAIN
+    )
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["input"].data, np.array(words[:2]).T)
+    np.testing.assert_array_equal(net.blobs["target"].data[:, 1], target[1])
+    assert net.blobs["predict"].data.shape == (T, 2, 10)
+    loss = float(net.blobs["loss"].data)
+    assert np.isfinite(loss) and 2.0 < loss < 2.5  # about ln 10 for an untrained net
+    net.backward()
+    assert np.abs(net.params["embed"][0].diff).sum() > 0
