@@ -360,6 +360,17 @@ def check_output(spark, conf):
     return str(path.getFileSystem(hadoop_conf).makeQualified(path).toString())
 
 
+def check_new_output(spark, conf):
+    """check_output for a tool that writes a new table: -output must not exist yet (a table
+    is never replaced)."""
+    uri = check_output(spark, conf)
+    sc = spark.sparkContext
+    path = sc._jvm.org.apache.hadoop.fs.Path(uri)
+    if path.getFileSystem(sc._jsc.hadoopConfiguration()).exists(path):
+        raise ConfigError(f"-output {storage.shown(uri)} exists: remove it or choose another")
+    return uri
+
+
 def _note_cpu_only(conf):
     """Say so when the solver asks for the GPU: the workers compute on the CPU (NumPy) in this
     version, whatever solver_mode says (CaffeOnSpark's sample solvers say GPU)."""

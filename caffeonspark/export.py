@@ -5,10 +5,14 @@ LMDB (or an image list) moves to Parquet with no record lost or changed.
 Columns: SampleID (the record's key), label, channels, height, width, encoded, data. Raw
 pixels keep their shape; an encoded image keeps its file's bytes; a Datum of float_data, which
 a byte column of pixels cannot hold, is kept whole (the DataFrame source parses it back).
+
+Also CaffeOnSpark's Binary2DataFrame: the files a label list names ('<file> <label> <id>'
+lines) as rows of SampleID, label and data (the file's bytes), every listed file read.
 """
 
 from caffeonspark import storage
 from caffeonspark.sources import SourceError, key_text, partition_source
+from caffeonspark.storage import StorageError
 from engine.data.datum import DatumError, parse_datum
 from engine.proto import caffe_pb2
 
@@ -79,3 +83,55 @@ def write_frame(df, uri, fmt, expected):
     if written != expected:
         raise SourceError(f"{storage.shown(uri)}: wrote {written} rows, the source has {expected}")
     return written
+
+
+LIST_SCHEMA = "SampleID string, label int, data binary"
+
+
+def parse_label_list(text, source):
+    """[(file, label, id, line number)] of a Binary2DataFrame label list: '<file> <label>
+    <id>' lines (CaffeOnSpark's form) or '<file> <label>' (the id is then the file name);
+    blank lines are skipped, any other line that does not parse is an error naming it."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) not in (2, 3):
+                raise ValueError
+            label = int(fields[1])
+        except ValueError:
+            raise SourceError(
+                f"{source}:{number}: expected '<file> <label> <id>', got {line!r}"
+            ) from None
+        entries.append((fields[0], label, fields[2] if len(fields) == 3 else fields[0], number))
+    if not entries:
+        raise SourceError(f"{source}: the label list names no file")
+    return entries
+
+
+def _read_listed(root, label_file):
+    def task(entries):
+        for name, label, sample_id, number in entries:
+            try:
+                data = storage.read_bytes(storage.join(root, name), "image")
+            except StorageError as e:
+                raise SourceError(f"{e} (listed at {label_file}:{number})") from None
+            yield (sample_id, label, data)
+
+    return task
+
+
+def image_list_frame(spark, root, label_file, partitions=0):
+    """(DataFrame of the files `label_file` lists under `root`, and their count): each task reads its files (any filesystem storage reads: local, hdfs://, s3://);
+    a file that cannot be read fails the job, naming the file and its line."""
+    label_file = storage.absolute(label_file)
+    text = storage.read_bytes(label_file, "label list").decode("utf-8")
+    entries = parse_label_list(text, storage.shown(label_file))
+    sc = spark.sparkContext
+    slices = partitions or sc.defaultParallelism
+    rdd = sc.parallelize(entries, min(slices, len(entries))).mapPartitions(
+        _read_listed(storage.absolute(root), storage.shown(label_file))
+    )
+    return spark.createDataFrame(rdd, LIST_SCHEMA), len(entries)

@@ -20,8 +20,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from caffeonspark import Config, ConfigError, export, storage  # noqa: E402
-from caffeonspark.api import check_output  # noqa: E402
+from caffeonspark import Config, export, storage  # noqa: E402
+from caffeonspark.api import check_new_output  # noqa: E402
 from caffeonspark.launch import run_job  # noqa: E402
 
 log = logging.getLogger("caffeonspark")
@@ -44,11 +44,7 @@ def run(args, spark):
     from caffeonspark.export import lmdb_source, source_frame, write_frame
 
     conf = Config(spark, output=args.output, lmdb_partitions=args.lmdb_partitions)
-    uri = check_output(spark, conf)
-    jvm = spark.sparkContext._jvm
-    path = jvm.org.apache.hadoop.fs.Path(uri)
-    if path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).exists(path):
-        raise ConfigError(f"-output {storage.shown(uri)} exists: remove it or choose another")
+    uri = check_new_output(spark, conf)
     source = lmdb_source(conf, storage.absolute(args.imageRoot))
     records = source.count(spark)
     log.info("converting %d records of %s to %s", records, storage.shown(source.uri), uri)

@@ -426,6 +426,57 @@ def test_write_features_parquet(spark, data, trained):
     assert rows == spark.read.parquet(uri).count() == 103
 
 
+def test_binary2dataframe_reads_every_listed_file(spark, trained, tmp_path, capsys):
+    """CaffeOnSpark's Binary2DataFrame: '<file> <label> <id>' lines (one without an id, a
+    file in a subfolder) -> SampleID, label, the file's bytes; a data layer tests on the
+    table; a missing file fails the job naming its line."""
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    images, labels = digits(25, "test")
+    lines = []
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        name = f"sub/d{i}.png" if i % 5 == 0 else f"d{i}.png"
+        (root / name).write_bytes(png_bytes(img))
+        lines.append(f"{name} {int(lab)}" + ("" if i == 3 else f" id{i}"))
+    (tmp_path / "labels.txt").write_text("\n".join(lines) + "\n\n")
+    job = load_job("binary2dataframe")
+    table = tmp_path / "images.parquet"
+    argv = ["-imageRoot", str(root), "-labelFile", str(tmp_path / "labels.txt")]
+    args = job.parse(argv + ["-output", str(table), "-lmdb_partitions", "3"])
+    assert job.run(args, spark) == 0
+    assert "25 files of " in capsys.readouterr().out
+    rows = {r.SampleID: r for r in spark.read.parquet(str(table)).collect()}
+    ids = [f"id{i}" if i != 3 else "d3.png" for i in range(25)]
+    assert sorted(rows) == sorted(ids)
+    assert [rows[i].label for i in ids] == [int(x) for x in labels]
+    assert rows["id5"].data == (root / "sub" / "d5.png").read_bytes()
+
+    folder = tmp_path / "test_on_table"
+    folder.mkdir()
+    solver = write_solver(folder, table, table, 16, test_batch=10)
+    conf = Config(spark, conf=solver, model=str(trained["summary"].model), clusterSize=2)
+    conf.test = True
+    assert 0 <= CaffeOnSpark(spark).test(DataSource.get(conf, False))["accuracy"] <= 1
+
+    (root / "d7.png").unlink()
+    args = job.parse(argv + ["-output", str(tmp_path / "again.parquet")])
+    with pytest.raises(Exception, match=r"d7.png: cannot read image.*labels.txt:8"):
+        job.run(args, spark)
+
+
+def test_binary2dataframe_label_list_errors_name_the_line():
+    from caffeonspark.export import parse_label_list
+
+    assert parse_label_list("a.png 1 x\n\nb.png 2\n", "l") == [
+        ("a.png", 1, "x", 1),
+        ("b.png", 2, "b.png", 3),
+    ]
+    with pytest.raises(SourceError, match=r"l:2: expected '<file> <label> <id>', got 'b.png two'"):
+        parse_label_list("a.png 1\nb.png two\n", "l")
+    with pytest.raises(SourceError, match="names no file"):
+        parse_label_list("\n", "l")
+
+
 def test_lmdb2dataframe_keeps_every_record(spark, data, trained, tmp_path, capsys):
     """CaffeOnSpark's LMDB2DataFrame: each record one row (raw pixels, an encoded image,
     float_data, a non-UTF-8 key), 3 partitions, a table that tests as the LMDB does."""
