@@ -124,8 +124,9 @@ def _read_listed(root, label_file):
 
 
 def image_list_frame(spark, root, label_file, partitions=0):
-    """(DataFrame of the files `label_file` lists under `root`, and their count): each task reads its files (any filesystem storage reads: local, hdfs://, s3://);
-    a file that cannot be read fails the job, naming the file and its line."""
+    """(DataFrame of the files `label_file` lists under `root`, and their count): each task
+    reads its files (any filesystem storage reads: local, hdfs://, s3://); a file that
+    cannot be read fails the job, naming the file and its line."""
     label_file = storage.absolute(label_file)
     text = storage.read_bytes(label_file, "label list").decode("utf-8")
     entries = parse_label_list(text, storage.shown(label_file))

@@ -48,7 +48,37 @@ class Batch:
         self.keys = keys
 
 
-class RecordBatcher:
+class BadRecords:
+    """What a batcher does with a bad record: raise BadRecordError naming the source and key,
+    or, with skipping on, log and count it (`skipped`). Needs `source`, `name`, `skip_bad`."""
+
+    skipped = 0
+
+    def what(self, key):
+        return datum_mod.record_name(self.source.name, key)
+
+    def _bad(self, key, err):
+        what = self.what(key)
+        msg = str(err)
+        if what not in msg:
+            err = f"{what}: {msg}"
+        if not self.skip_bad:
+            raise BadRecordError(str(err)) from None
+        self.skipped += 1
+        log.warning("%s: skipped bad record (%d skipped so far): %s", self.name, self.skipped, err)
+
+    def _bad_in_run(self, key, err, run):
+        """_bad for the next of `run` bad records in a row; returns run + 1, and fails once
+        the run is longer than the source (every record is bad)."""
+        self._bad(key, err)
+        if run + 1 > len(self.source):
+            raise DataSourceError(
+                f"{self.source.name}: every record is bad ({self.skipped} skipped)"
+            ) from None
+        return run + 1
+
+
+class RecordBatcher(BadRecords):
     """Turns records of a RecordSource into transformed batches.
 
     `decode(key, value)` returns (C x H x W array, label). With `raw_fast_path`, batches of
@@ -79,11 +109,7 @@ class RecordBatcher:
         self.name = name
         self.raw_fast_path = raw_fast_path
         self.skip_bad = skip_bad_records() if skip_bad is None else skip_bad
-        self.skipped = 0
         self.seed = seed
-
-    def what(self, key):
-        return datum_mod.record_name(self.source.name, key)
 
     def first_shape(self):
         """Output C x H x W of the next record (Caffe's DataLayerSetUp reads one datum)."""
@@ -97,16 +123,6 @@ class RecordBatcher:
                 self._bad(key, e)
                 self.source.take(1)
         raise DataSourceError(f"{self.source.name}: no valid record ({self.skipped} skipped)")
-
-    def _bad(self, key, err):
-        what = self.what(key)
-        msg = str(err)
-        if what not in msg:
-            err = f"{what}: {msg}"
-        if not self.skip_bad:
-            raise BadRecordError(str(err)) from None
-        self.skipped += 1
-        log.warning("%s: skipped bad record (%d skipped so far): %s", self.name, self.skipped, err)
 
     def __call__(self, slot=None):
         n = self.batch_size
@@ -167,12 +183,7 @@ class RecordBatcher:
                 TransformError,
                 BadRecordError,
             ) as e:
-                self._bad(key, e)
-                bad_run += 1
-                if bad_run > len(self.source):
-                    raise DataSourceError(
-                        f"{self.source.name}: every record is bad ({self.skipped} skipped)"
-                    ) from None
+                bad_run = self._bad_in_run(key, e, bad_run)
                 continue
             bad_run = 0
             arrays.append(arr)

@@ -14,12 +14,10 @@ import math
 import numpy as np
 
 from engine.data import batches, images
-from engine.data.datum import record_name
-from engine.data.prefetch import Prefetcher, PrefetchError
 from engine.data.sources import DataSourceError
 from engine.data.table import TableSource
 from engine.data.transformer import DataTransformer, TransformError
-from engine.layer import Layer, register
+from engine.layer import register
 from engine.layers import data_layers
 from engine.proto import caffe_pb2
 
@@ -161,7 +159,7 @@ class CoSTop:
         return out.reshape(self.top_shape(n))
 
 
-class CoSBatcher:
+class CoSBatcher(batches.BadRecords):
     """The prefetch thread's produce(): batch_size records -> one array per top. Random
     transforms draw from a generator keyed on (seed, top, stream position of the batch), as
     RecordBatcher's do, so a resumed stream draws what the uninterrupted one drew."""
@@ -174,7 +172,6 @@ class CoSBatcher:
         self.seed = seed
         self.resize = resize
         self.skip_bad = batches.skip_bad_records()
-        self.skipped = 0
 
     def __call__(self, slot=None):
         position = self.source.position
@@ -186,12 +183,7 @@ class CoSBatcher:
                 try:
                     row = self._row(values)
                 except (FieldError, TypeError, ValueError) as e:
-                    self._bad(key, e)
-                    bad_run += 1
-                    if bad_run > len(self.source):
-                        raise DataSourceError(
-                            f"{self.source.name}: every record is bad ({self.skipped} skipped)"
-                        ) from None
+                    bad_run = self._bad_in_run(key, e, bad_run)
                     continue
                 bad_run = 0
                 keys.append(key)
@@ -208,16 +200,9 @@ class CoSBatcher:
             raise FieldError(f"{len(values)} column values for {len(self.tops)} tops")
         return [top.sample(v, self.resize) for top, v in zip(self.tops, values)]
 
-    def _bad(self, key, err):
-        what = record_name(self.source.name, key)
-        if not self.skip_bad:
-            raise batches.BadRecordError(f"{what}: {err}") from None
-        self.skipped += 1
-        log.warning("%s: skipped bad record (%d skipped so far): %s", self.name, self.skipped, err)
-
 
 @register("CoSData")
-class CoSData(Layer):
+class CoSData(data_layers._BatchLayer):
     """CaffeOnSpark's CoSData: one top per cos_data_param.top, filled from the column named
     like it. top i: batch_size x out_channels x out_height x out_width, cut to 1 +
     sample_num_axes axes, or out_channels x batch_size with `transpose`. Images are decoded
@@ -225,10 +210,7 @@ class CoSData(Layer):
     through the top's transform_param (crop, mirror, mean, scale) as a Data layer's would.
     """
 
-    exact_num_bottom = 0
-    min_num_top = 1
-    _prefetcher = None
-    _finalizer = None
+    max_num_top = None
 
     def layer_setup(self, bottom, top):
         cp = self.param.cos_data_param
@@ -253,17 +235,12 @@ class CoSData(Layer):
         source = self._open_source(cp)
         resize = bool(getattr(source, "resize_images", False))
         self.batch_size = int(cp.batch_size)
-        self._batcher = CoSBatcher(
+        batcher = CoSBatcher(
             source, self.tops, self.batch_size, what, data_layers._layer_seed(), resize
         )
         for t, spec in zip(top, self.tops):
             t.reshape(spec.top_shape(self.batch_size))
-        depth = int(self.param.data_param.prefetch)
-        if depth > 0:
-            self._prefetcher = Prefetcher(self._batcher, depth, name=what)
-            self._finalizer = self._prefetcher.attach(self, source.close)
-        else:
-            self._source = source
+        self._start(batcher, int(self.param.data_param.prefetch), source)
 
     def _open_source(self, cp):
         factory = data_layers._factory["fn"]
@@ -280,39 +257,10 @@ class CoSData(Layer):
         except DataSourceError as e:
             raise self.error(str(e).removeprefix(f"layer {self.name!r}: ")) from None
 
-    def reshape(self, bottom, top):
-        pass  # the tops keep the shapes set up from cos_data_param
-
-    def forward(self, bottom, top):
-        if self._prefetcher is None:
-            try:
-                arrays, _ = self._batcher(None)
-            except (DataSourceError, batches.BadRecordError, TransformError) as e:
-                raise self.error(str(e)) from None
-        else:
-            try:
-                batch = self._prefetcher.get()
-            except PrefetchError as e:
-                raise self.error(str(e.__cause__ or e)) from e.__cause__
-            arrays = batch[0]
+    def _fill_tops(self, batch, top):
+        arrays, _ = batch
         for t, a in zip(top, arrays):
             data_layers._copy_into(t, a)
-        if self._prefetcher is not None:
-            self._prefetcher.recycle(batch)
-
-    def backward(self, top, propagate_down, bottom):
-        pass
-
-    @property
-    def skipped(self):
-        return self._batcher.skipped
-
-    def close(self):
-        if self._finalizer is not None:
-            self._finalizer()
-        elif getattr(self, "_source", None) is not None:
-            self._source.close()
-            self._source = None
 
 
 def _dims(shape):

@@ -105,11 +105,14 @@ class _BatchLayer(Layer):
                 batch = self._prefetcher.get()
             except PrefetchError as e:
                 raise self.error(str(e.__cause__ or e)) from e.__cause__
+        self._fill_tops(batch, top)
+        if self._prefetcher is not None:
+            self._prefetcher.recycle(batch)
+
+    def _fill_tops(self, batch, top):
         _copy_into(top[0], batch.data)
         if len(top) > 1:
             _copy_into(top[1], batch.label)
-        if self._prefetcher is not None:
-            self._prefetcher.recycle(batch)
 
     def backward(self, top, propagate_down, bottom):
         pass
