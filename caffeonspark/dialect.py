@@ -17,6 +17,7 @@ PACKAGE = "com.yahoo.ml.caffe."
 LMDB = "LMDB"
 IMAGE_DATA_FRAME = "ImageDataFrame"
 SEQ_IMAGE = "SeqImageDataSource"  # Hadoop sequence files (caffeonspark.sources.sequence)
+DATA_FRAME_SOURCE = "DataFrameSource"  # CoSData layers' tables (caffeonspark.sources.columns)
 SOURCE_CLASSES = (LMDB, IMAGE_DATA_FRAME, SEQ_IMAGE)
 # A MemoryData layer with a source but no source_class reads an LMDB, as in CaffeOnSpark.
 DEFAULT_SOURCE_CLASS = LMDB

@@ -8,42 +8,34 @@ the engine's CoSData layer decodes and transforms them (engine/layers/cos_data.p
 and partitions are those of the DataFrame source: row i -> rank i mod N.
 """
 
-import os
 import pickle
 
-from caffeonspark import storage
+from caffeonspark import dialect
 from caffeonspark.sources import SourceError, describe_layer
-from caffeonspark.sources.dataframe import ArrowLocalizer, ArrowRecordSource, DataFrameSource
+from caffeonspark.sources.dataframe import (
+    ArrowLocalizer,
+    ArrowRecordSource,
+    DataFrameSource,
+    load_table,
+)
+from engine.data.table import ID_COLUMN
 from engine.proto import caffe_pb2
 
-SOURCE_CLASS = "com.yahoo.ml.caffe.DataFrameSource"
-ID_COLUMN = "id"
 _C = caffe_pb2.CoSDataParameter
 
 
 def read(conf, layer, phase):
     """The ColumnsSource over the table a CoSData layer names."""
     name = describe_layer(layer, phase)
-    if layer.source_class and layer.source_class not in (SOURCE_CLASS, "DataFrameSource"):
+    if dialect.source_class(layer) not in (None, dialect.DATA_FRAME_SOURCE):
         raise SourceError(
-            f"{name}: a CoSData layer reads through {SOURCE_CLASS}, not {layer.source_class!r}"
+            f"{name}: a CoSData layer reads through {dialect.PACKAGE}{dialect.DATA_FRAME_SOURCE},"
+            f" not {layer.source_class!r}"
         )
     cp = layer.cos_data_param
     if not cp.source:
         raise SourceError(f"{name}: cos_data_param.source is not set")
-    spark = conf.spark
-    if spark is None:
-        raise SourceError(f"{name}: reading a table needs a SparkSession (Config(spark, ...))")
-    path = storage.absolute(cp.source)
-    if storage.is_local(path) and not os.path.exists(storage.local_path(path)):
-        raise SourceError(f"{name}: table {storage.shown(path)} not found")
-    try:
-        df = spark.read.format(cp.dataframe_format).load(path)
-    except Exception as e:  # noqa: BLE001 - AnalysisException and py4j errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceError(
-            f"{name}: cannot read {cp.dataframe_format} table {storage.shown(path)}: {first}"
-        ) from None
+    df = load_table(conf, name, cp.source, cp.dataframe_format)
     return ColumnsSource(conf, layer, phase, df)
 
 

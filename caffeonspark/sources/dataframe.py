@@ -49,6 +49,28 @@ def is_table_path(path):
     return table_format(path) is not None
 
 
+def load_table(conf, name, source, fmt=None, select=()):
+    """The DataFrame Spark reads from the table at `source` in `fmt` (None: by the path, else
+    parquet), with the `select` expressions applied; SourceError names `name` and the path."""
+    spark = conf.spark
+    if spark is None:
+        raise SourceError(f"{name}: reading a table needs a SparkSession (Config(spark, ...))")
+    path = storage.absolute(source)
+    if storage.is_local(path) and not os.path.exists(storage.local_path(path)):
+        raise SourceError(f"{name}: table {storage.shown(path)} not found")
+    fmt = fmt or table_format(path) or "parquet"
+    try:
+        df = spark.read.format(fmt).load(path)
+        if len(select):
+            df = df.selectExpr(*select)
+    except Exception as e:  # noqa: BLE001 - AnalysisException and py4j errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(
+            f"{name}: cannot read {fmt} table {storage.shown(path)}: {first}"
+        ) from None
+    return df
+
+
 class DataFrameSource(DataSource):
     """A DataFrame fed to the data layer; `read` opens the table at data_param.source."""
 
@@ -67,23 +89,15 @@ class DataFrameSource(DataSource):
     def read(cls, conf, layer, phase):
         from caffeonspark.sources import describe_layer
 
-        spark = conf.spark
-        name = describe_layer(layer, phase)
-        if spark is None:
-            raise SourceError(f"{name}: reading a table needs a SparkSession (Config(spark, ...))")
-        path = storage.absolute(layer.data_param.source)
-        if storage.is_local(path) and not os.path.exists(storage.local_path(path)):
-            raise SourceError(f"{name}: table {path} not found")
         cos = dialect.source_class(layer) is not None
         mp = layer.memory_data_param
-        fmt = mp.dataframe_format if cos else table_format(path) or "parquet"
-        try:
-            df = spark.read.format(fmt).load(path)
-            if cos and len(mp.dataframe_column_select):
-                df = df.selectExpr(*mp.dataframe_column_select)
-        except Exception as e:  # noqa: BLE001 - AnalysisException and py4j errors
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SourceError(f"{name}: cannot read {fmt} table {path}: {first}") from None
+        df = load_table(
+            conf,
+            describe_layer(layer, phase),
+            layer.data_param.source,
+            mp.dataframe_format if cos else None,
+            mp.dataframe_column_select if cos else (),
+        )
         if not cos:
             return cls(conf, layer, phase, df)
         # A CaffeOnSpark table keeps its raw pixels in OpenCV's order; one our export wrote

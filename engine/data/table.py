@@ -19,29 +19,29 @@ class TableSource(RecordSource):
     """The rows of the table at `path` (a file or a folder of part files, as Spark writes
     them), columns `columns` in that order, read a batch of rows at a time."""
 
-    def __init__(self, path, columns, fmt="parquet", name=None):
+    def __init__(self, path, columns, fmt="parquet"):
         import pyarrow as pa
         import pyarrow.dataset as ds
 
         self.path = path
         self.columns = list(columns)
-        self.name = name or path
+        self.name = f"table {path}"
         if fmt not in FORMATS:
             raise DataSourceError(
                 f"{self.name}: dataframe_format {fmt!r}: the engine reads {' and '.join(FORMATS)} "
                 "tables (other formats: run the job through caffeonspark)"
             )
         if not os.path.exists(path):
-            raise DataSourceError(f"{self.name}: table {path} not found")
+            raise DataSourceError(f"{self.name} not found")
         try:
             self._dataset = ds.dataset(path, format=fmt)
         except (OSError, pa.ArrowInvalid) as e:
-            raise DataSourceError(f"{self.name}: cannot read {fmt} table {path}: {e}") from None
+            raise DataSourceError(f"{self.name}: cannot read it as {fmt}: {e}") from None
         have = self._dataset.schema.names
         missing = [c for c in self.columns if c not in have]
         if missing:
             raise DataSourceError(
-                f"{self.name}: table {path} has no column(s) {', '.join(missing)} "
+                f"{self.name} has no column(s) {', '.join(missing)} "
                 f"(it has {', '.join(have) or 'none'})"
             )
         self._with_id = ID_COLUMN in have and ID_COLUMN not in self.columns

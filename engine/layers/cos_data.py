@@ -40,7 +40,6 @@ class CoSTop:
     C x H x W sample (before the top's transform; fewer axes are padded with ones)."""
 
     def __init__(self, param, phase):
-        self.param = param
         self.name = param.name
         self.type = param.type
         self.what = f"top {self.name!r} ({_C.DataType.Name(self.type)})"
@@ -66,7 +65,7 @@ class CoSTop:
         if self.type in SCALARS and self.size != 1:
             raise ValueError(
                 f"{self.what}: holds one number per record, but its sample shape "
-                f"{'x'.join(map(str, self.shape[:axes]))} has {self.size} values"
+                f"{_dims(self.shape[:axes])} has {self.size} values"
             )
         if self.type in IMAGES and axes != 3:
             raise ValueError(f"{self.what}: images need sample_num_axes 3, got {axes}")
@@ -90,7 +89,6 @@ class CoSTop:
                 f"{self.what}: out_channels/out_height/out_width differ from channels/height/"
                 "width, but there is no transform_param to change the shape"
             )
-        self.dtype = np.uint8 if self.type in IMAGES else np.float32
 
     def top_shape(self, n):
         if self.transpose:
@@ -182,7 +180,7 @@ class CoSBatcher(batches.BadRecords):
             for key, values in self.source.take(self.batch_size - len(keys)):
                 try:
                     row = self._row(values)
-                except (FieldError, TypeError, ValueError) as e:
+                except (TypeError, ValueError) as e:  # FieldError, and bad values' own
                     bad_run = self._bad_in_run(key, e, bad_run)
                     continue
                 bad_run = 0
@@ -251,11 +249,9 @@ class CoSData(data_layers._BatchLayer):
         if not cp.source:
             raise self.error("cos_data_param.source is not set")
         try:
-            return TableSource(
-                cp.source, [t.name for t in self.tops], cp.dataframe_format, f"layer {self.name!r}"
-            )
+            return TableSource(cp.source, [t.name for t in self.tops], cp.dataframe_format)
         except DataSourceError as e:
-            raise self.error(str(e).removeprefix(f"layer {self.name!r}: ")) from None
+            raise self.error(str(e)) from None
 
     def _fill_tops(self, batch, top):
         arrays, _ = batch
