@@ -37,6 +37,7 @@ _PARALLEL_MIN = 1 << 16
 _PREFIX = "engine-batch"
 _pool = {"executor": None, "threads": None}
 _workspace = threading.local()
+_inside = threading.local()  # .depth > 0 while this thread runs a piece of parallel_batch
 
 
 def _forget_pool():
@@ -80,7 +81,7 @@ def parallel_batch(n, fn, size, xp=np):
         xp is not np
         or threads < 2
         or size < _PARALLEL_MIN
-        or threading.current_thread().name.startswith(_PREFIX)  # no nesting: run inline
+        or getattr(_inside, "depth", 0)  # no nesting: a piece runs its inner work inline
     ):
         fn(0, n)
         return
@@ -88,13 +89,21 @@ def parallel_batch(n, fn, size, xp=np):
         _pool["executor"] = ThreadPoolExecutor(num_threads(), thread_name_prefix=_PREFIX)
     bounds = [n * t // threads for t in range(threads + 1)]
     futures = [
-        _pool["executor"].submit(fn, bounds[t], bounds[t + 1])
+        _pool["executor"].submit(_piece, fn, bounds[t], bounds[t + 1])
         for t in range(1, threads)
         if bounds[t + 1] > bounds[t]
     ]
-    fn(bounds[0], bounds[1])
+    _piece(fn, bounds[0], bounds[1])
     for f in futures:
         f.result()
+
+
+def _piece(fn, n0, n1):
+    _inside.depth = getattr(_inside, "depth", 0) + 1
+    try:
+        fn(n0, n1)
+    finally:
+        _inside.depth -= 1
 
 
 def _blas_thread_control():
@@ -145,6 +154,35 @@ def parallel_gemms(n, fn, size, xp=np):
     finally:
         set_threads(before)
     return True
+
+
+def split_gemms_exact(rows, depth, cols, dtype=np.float32):
+    """Whether GEMMs (rows, depth) @ (depth, cols) run side by side as `parallel_gemms` runs
+    them give, bit for bit, the columns of one wide GEMM with the BLAS's own threading.
+
+    OpenBLAS cuts the depth into blocks differently on one thread than on several for some
+    depths (LeNet's conv2, depth 500, rounds differently), so a product that must keep Caffe's
+    rounding is split only where this holds. Checked once per shape on random numbers: where
+    the blocking differs, nearly every value differs.
+    """
+    key = ("exact", rows, depth, min(cols, 512), np.dtype(dtype).str, num_threads())
+    if key not in _pool:
+        pieces, width = 4, key[3]
+        rs = np.random.RandomState(0)
+        a = rs.standard_normal((rows, depth)).astype(dtype)
+        b = rs.standard_normal((depth, pieces * width)).astype(dtype)
+        whole = a @ b
+        split = np.empty_like(whole)
+
+        def run(i0, i1):
+            for i in range(i0, i1):
+                part = slice(i * width, (i + 1) * width)
+                np.matmul(a, b[:, part], out=split[:, part])
+
+        if not parallel_gemms(pieces, run, _PARALLEL_MIN):
+            run(0, pieces)
+        _pool[key] = bool(np.array_equal(whole, split))
+    return _pool[key]
 
 
 def batched_matmul(a, b, out):

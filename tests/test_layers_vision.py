@@ -10,7 +10,14 @@ from gradient_check import check_gradient, make_blobs
 
 from engine import rng as engine_rng
 from engine.blob import Blob
-from engine.im2col import col2im, col2im_nlast, conv_out_size, im2col, shift_work_shape
+from engine.im2col import (
+    col2im,
+    col2im_nlast,
+    conv_out_size,
+    im2col,
+    shift_work_shape,
+    split_gemms_exact,
+)
 from engine.layer import LayerError, create_layer
 from engine.layers import conv as conv_module
 from engine.layers import pooling as pooling_module
@@ -470,19 +477,51 @@ def test_convolution_bottom_gradient_paths_agree(case):
         np.testing.assert_allclose(grads[0], g, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["basic", "pad_stride", "rect", "dilation", "same", "nobias"])
-def test_convolution_forward_per_image_gemms_match_one_gemm(monkeypatch, case):
-    # Shallow layers run one GEMM per image into the top; deeper ones one GEMM per chunk.
-    x = randn(5, 4, 6, 7)
+PER_IMAGE_CASES = {c: (CONV_CASES[c][0], (4, 6, 7)) for c in CONV_CASES}
+# CIFAR10-quick's conv2 (fewer images): a shape whose split products round alike on OpenBLAS.
+PER_IMAGE_CASES["cifar_conv2"] = ("num_output: 32 kernel_size: 5 pad: 2", (32, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "case", ["basic", "pad_stride", "rect", "dilation", "same", "nobias", "cifar_conv2"]
+)
+@pytest.mark.parametrize("num", [5, 40])  # 40 images: enough work for the threads to split
+def test_convolution_forward_per_image_gemms_match_one_gemm(monkeypatch, case, num):
+    # Wide maps run one GEMM per image into the top, a few images per thread at a time; small
+    # ones one GEMM per chunk of the batch. Where the BLAS rounds split products alike, the
+    # two agree bit for bit (Caffe's per-image GEMM order is what TRAIN forwards must keep).
+    spec, shape = PER_IMAGE_CASES[case]
+    x = randn(num, *shape)
+    monkeypatch.setattr(conv_module, "FUSE_BUDGET", 3 * 36 * 42)  # a few images per block
     outs = []
-    for limit in (conv_module.PER_IMAGE_MAX_K, 0):
-        monkeypatch.setattr(conv_module, "PER_IMAGE_MAX_K", limit)
-        layer = conv_layer("Convolution", CONV_CASES[case][0])
+    for min_pixels in (0, 10**9):
+        monkeypatch.setattr(conv_module, "FUSE_MIN_PIXELS", min_pixels)
+        layer = conv_layer("Convolution", spec)
         bottom, top = setup(layer, x)
-        assert layer.fwd_per_image == (limit > 0)
+        exact = split_gemms_exact(
+            layer.num_output // layer.group, layer.kernel_dim // layer.group, layer.map_dim
+        )
+        assert layer.fused == (exact and min_pixels == 0)
         (y,) = run(layer, bottom, top)
         outs.append(y.copy())
+    if exact:
+        np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_split_gemms_exact_compares_real_products(monkeypatch):
+    # The check runs the split products; a BLAS whose split products round differently (here:
+    # one that perturbs every product of a narrow GEMM) is caught.
+    real = np.matmul
+
+    def narrow_rounds_off(a, b, out=None):
+        result = real(a, b, out=out)
+        if b.ndim == 2 and b.shape[1] == 11:
+            result += np.float32(1e-3)
+        return result
+
+    monkeypatch.setattr(np, "matmul", narrow_rounds_off)
+    assert not split_gemms_exact(3, 7, 11)
 
 
 @pytest.mark.parametrize("num_output", [1, 3])

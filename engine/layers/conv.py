@@ -1,8 +1,9 @@
 """Convolution, Deconvolution and Im2col layers over Caffe's BaseConvolutionLayer shape rules.
 
-im2col over the whole batch (cut into ~64 MB chunks of images) and one GEMM per group and chunk
-for the outputs and the bottom gradient, where Caffe runs one small GEMM per image; shallow
-layers (C_in*kh*kw <= PER_IMAGE_MAX_K) run one GEMM per image straight into the top instead.
+Forward: each thread takes a few images at a time, builds their columns (still in cache when
+used) and runs Caffe's GEMM per image straight into the top, where that rounds exactly like one
+GEMM over the batch (im2col.split_gemms_exact); otherwise im2col over the whole batch (cut into
+~64 MB chunks of images) and one GEMM per group and chunk, as for the bottom gradient.
 The weight gradient keeps Caffe's per-image accumulation order (dW += dY_n col_n^T, image by
 image): one large GEMM would sum in another float32 order, and training then drifts from
 Caffe's. Stride-1 "same-size" layers with C_out <= C_in get their bottom gradient as a
@@ -27,8 +28,10 @@ from engine.im2col import (
     conv_out_size,
     im2col,
     parallel_batch,
+    parallel_gemms,
     scratch,
     shift_work_shape,
+    split_gemms_exact,
     workspace,
 )
 from engine.layer import Layer, register
@@ -53,12 +56,15 @@ COL_BUDGET = 1 << 24
 KEEP_BUDGET = 1 << 25
 # Per-image weight-gradient products summed per block of this many elements (cache-sized).
 WGRAD_BLOCK = 1 << 20
-# Convolution forward runs one GEMM per image (straight into the top, images split between
-# threads) when the GEMM depth C_in*kh*kw is at most this: faster than one shallow GEMM plus a
-# transposed copy (LeNet conv1 1.4 -> 0.8 ms, CIFAR10-quick conv1 10 -> 9 ms), and bitwise the
-# same there. Deeper layers gained nothing, and LeNet conv2 (depth 500) would round
-# differently from the whole-batch GEMM, which matches Caffe's output bit for bit.
-PER_IMAGE_MAX_K = 128
+# Forward runs one GEMM per image (see _forward_per_image) when each image's output map has
+# at least this many pixels: those products run near the full GEMM rate on one thread
+# (CIFAR10-quick conv2, 32x800x256: forward 23 -> 15 ms on 2 cores; conv1, LeNet conv1 as
+# before), smaller ones do not (conv3, 64x800x64: 58 against 140 GFLOP/s for the whole-batch
+# GEMM, forward 8 -> 8.5 ms).
+FUSE_MIN_PIXELS = 256
+# ...building the columns of this many elements (4 MB) at a time in each thread, so that they
+# are still in cache for the GEMMs (1 image at a time lost to 4 on conv2).
+FUSE_BUDGET = 1 << 20
 # The flipped-weight bottom gradient computes every input pixel from a full window (zeros
 # past the top diff's border): used while input pixels / output pixels stays below this.
 FLIP_MAX_RATIO = 1.15
@@ -212,7 +218,18 @@ class BaseConvolution(Layer):
         self.chunk = -(-self.num // pieces)  # equal chunks
         self.dgrad_nlast = not self.is_1x1 and self._batch_minor_wins(pieces)
         self.keep_cols = self.kernel_dim * self.num * self.map_dim <= KEEP_BUDGET
-        self.fwd_per_image = self.group == 1 and self.kernel_dim <= PER_IMAGE_MAX_K
+        self.fused = (
+            not self.is_1x1
+            and self.map_dim >= FUSE_MIN_PIXELS
+            and backend.get_array_module(b0.data) is np
+            and split_gemms_exact(
+                self.num_output // self.group,
+                self.kernel_dim // self.group,
+                self.map_dim,
+                b0.data.dtype,
+            )
+        )
+        self.fuse_group = max(1, FUSE_BUDGET // max(self.kernel_dim * self.map_dim, 1))
         # Bottom gradient as a convolution of the top diff with the flipped weights: for a
         # stride-1 "same-size" 2-D convolution that is one C_out*k*k-deep GEMM (like forward)
         # instead of a C_out-deep one writing the whole column gradient, then col2im. Measured:
@@ -510,25 +527,49 @@ class Convolution(BaseConvolution):
             if self.fourier_forward:
                 self._forward_fourier(slot, img, out, bias)
                 continue
+            if self.fused:
+                self._forward_per_image(slot, img, out, bias)
+                continue
             for n0, n1 in self._chunks():
                 col = self._columns(img[n0:n1], slot, n0)
                 xp = backend.get_array_module(col)
-                if self.fwd_per_image:
-                    # One GEMM per image written straight into the top (no transposed copy
-                    # of the result), the images split between threads.
-                    m = n1 - n0
-                    w = self._weights()[0]
-                    stack = xp.broadcast_to(w, (m,) + w.shape)
-                    batched_matmul(stack, self._col_images(col, m), out[n0:n1])
-                    if bias is not None:
-                        out[n0:n1] += bias[:, None]
-                    continue
                 rows = self._matrix("rows", self.num_output, n1 - n0, xp)
                 self._map_from_col(col, rows)
                 self._from_rows(rows, out[n0:n1], bias)
             # Kept columns stay valid for backward (the bottom does not change in between);
             # chunk columns live in the shared workspace and are rebuilt there.
             self._cols_kept[slot] = self.keep_cols
+
+    def _forward_per_image(self, slot, img, out, bias):
+        """out (N, C_out, P) = W @ columns, one GEMM per image and group, as Caffe runs them.
+
+        Threads take whole images (OpenBLAS on one thread meanwhile), fuse_group at a time:
+        their columns are built and used while in cache, and each product lands in the top
+        without a transposed copy."""
+        if self.keep_cols:  # allocated here, not by the threads at once
+            shape = (self.kernel_dim, self.num * self.map_dim)
+            scratch(self._buf, ("cols", slot), shape)
+        weights = self._weights()
+        kg = self.kernel_dim // self.group
+        mg = self.num_output // self.group
+        p = self.map_dim
+
+        def run(n0, n1):
+            for a in range(n0, n1, self.fuse_group):
+                e = min(n1, a + self.fuse_group)
+                col = self._columns(img[a:e], slot, a)
+                for i in range(e - a):
+                    c = col[:, i * p : (i + 1) * p]
+                    for w, cg, og in zip(
+                        weights, self._groups(c, kg), self._groups(out[a + i], mg)
+                    ):
+                        np.matmul(w, cg, out=og)
+                if bias is not None:
+                    out[a:e] += bias[:, None]
+
+        if not parallel_gemms(self.num, run, out.size):
+            run(0, self.num)
+        self._cols_kept[slot] = self.keep_cols
 
     def backward(self, top, propagate_down, bottom):
         need_w = self.param_propagate(0)
