@@ -58,9 +58,9 @@ KEEP_BUDGET = 1 << 25
 WGRAD_BLOCK = 1 << 20
 # Forward runs one GEMM per image (see _forward_per_image) when each image's output map has
 # at least this many pixels: those products run near the full GEMM rate on one thread
-# (CIFAR10-quick conv2, 32x800x256: forward 23 -> 15 ms on 2 cores; conv1, LeNet conv1 as
-# before), smaller ones do not (conv3, 64x800x64: 58 against 140 GFLOP/s for the whole-batch
-# GEMM, forward 8 -> 8.5 ms).
+# (CIFAR10-quick conv2, 32x800x256: forward 19 -> 15 ms on 2 cores, 34 -> 24 on one; its
+# conv1 and LeNet's conv1 ran one GEMM per image before). Smaller ones do not (conv3,
+# 64x800x64: 58 against 140 GFLOP/s for the whole-batch GEMM, forward 8 -> 8.5 ms).
 FUSE_MIN_PIXELS = 256
 # ...building the columns of this many elements (4 MB) at a time in each thread, so that they
 # are still in cache for the GEMMs (1 image at a time lost to 4 on conv2).
