@@ -492,7 +492,10 @@ def test_convolution_forward_per_image_gemms_match_one_gemm(monkeypatch, case, n
     # two agree bit for bit (Caffe's per-image GEMM order is what TRAIN forwards must keep).
     spec, shape = PER_IMAGE_CASES[case]
     x = randn(num, *shape)
-    monkeypatch.setattr(conv_module, "FUSE_BUDGET", 3 * 36 * 42)  # a few images per block
+    probe = conv_layer("Convolution", spec)
+    setup(probe, x)
+    # Three images' columns per block: blocks of several images, and a partial last one.
+    monkeypatch.setattr(conv_module, "FUSE_BUDGET", 3 * probe.kernel_dim * probe.map_dim)
     outs = []
     for min_pixels in (0, 10**9):
         monkeypatch.setattr(conv_module, "FUSE_MIN_PIXELS", min_pixels)

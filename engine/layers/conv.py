@@ -63,7 +63,9 @@ WGRAD_BLOCK = 1 << 20
 # 64x800x64: 58 against 140 GFLOP/s for the whole-batch GEMM, forward 8 -> 8.5 ms).
 FUSE_MIN_PIXELS = 256
 # ...building the columns of this many elements (4 MB) at a time in each thread, so that they
-# are still in cache for the GEMMs (1 image at a time lost to 4 on conv2).
+# are still in cache for the GEMMs (1 image at a time lost to 4 on conv2). A layer whose
+# columns of one image exceed it keeps the whole-batch GEMM: nothing stays in cache, and
+# those per-image products gained nothing or lost (ResNet-50's conv1: 20 -> 28 ms).
 FUSE_BUDGET = 1 << 20
 # The flipped-weight bottom gradient computes every input pixel from a full window (zeros
 # past the top diff's border): used while input pixels / output pixels stays below this.
@@ -219,8 +221,9 @@ class BaseConvolution(Layer):
         self.dgrad_nlast = not self.is_1x1 and self._batch_minor_wins(pieces)
         self.keep_cols = self.kernel_dim * self.num * self.map_dim <= KEEP_BUDGET
         self.fused = (
-            not self.is_1x1
+            not (self.is_1x1 or self.reverse)
             and self.map_dim >= FUSE_MIN_PIXELS
+            and self.kernel_dim * self.map_dim <= FUSE_BUDGET
             and backend.get_array_module(b0.data) is np
             and split_gemms_exact(
                 self.num_output // self.group,
