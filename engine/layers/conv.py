@@ -1,9 +1,10 @@
 """Convolution, Deconvolution and Im2col layers over Caffe's BaseConvolutionLayer shape rules.
 
-Forward: each thread takes a few images at a time, builds their columns (still in cache when
-used) and runs Caffe's GEMM per image straight into the top, where that rounds exactly like one
-GEMM over the batch (im2col.split_gemms_exact); otherwise im2col over the whole batch (cut into
-~64 MB chunks of images) and one GEMM per group and chunk, as for the bottom gradient.
+Forward, on wide maps whose columns of one image fit in cache: each thread takes a few images
+at a time, builds their columns and runs Caffe's GEMM per image straight into the top, where
+that rounds exactly like one GEMM over the batch (im2col.split_gemms_exact). Otherwise, and for
+the bottom gradient: im2col over the whole batch (cut into ~64 MB chunks of images) and one
+GEMM per group and chunk.
 The weight gradient keeps Caffe's per-image accumulation order (dW += dY_n col_n^T, image by
 image): one large GEMM would sum in another float32 order, and training then drifts from
 Caffe's. Stride-1 "same-size" layers with C_out <= C_in get their bottom gradient as a
