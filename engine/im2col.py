@@ -163,7 +163,8 @@ def split_gemms_exact(rows, depth, cols, dtype=np.float32):
     OpenBLAS cuts the depth into blocks differently on one thread than on several for some
     depths (LeNet's conv2, depth 500, rounds differently), so a product that must keep Caffe's
     rounding is split only where this holds. Checked once per shape on random numbers: where
-    the blocking differs, nearly every value differs.
+    the blocking differs, nearly every value differs. Widths above 512 columns are checked at
+    512 (the blocking follows the depth and the threading, not the width).
     """
     key = ("exact", rows, depth, min(cols, 512), np.dtype(dtype).str, num_threads())
     if key not in _pool:
