@@ -208,8 +208,9 @@ class CaffeOnSpark:
 
     # --- test and features ---------------------------------------------------------------------
     def test(self, source):
-        """Run -model over every record of `source`; returns {output blob: mean over the
-        dataset} (a float for scalar outputs, a list for vector ones)."""
+        """Run -model over every record of `source`; returns {output blob: [its mean over the
+        dataset, per element]}: always a list, as CaffeOnSpark's Map[String, Seq[Double]]
+        (so `result["accuracy"][0]`, even for a scalar output)."""
         conf = source.conf
         conf.check_inference(after_training=True)
         results = self._inference(source, "test", ()).collect()
@@ -224,9 +225,9 @@ class CaffeOnSpark:
         out = {}
         for name in order:
             mean = sums[name] / max(counts[name], 1)
-            out[name] = float(mean[0]) if mean.size == 1 else mean.tolist()
-        for name, value in out.items():
-            log.info("%s = %s", name, value)
+            out[name] = mean.tolist()
+        for name, values in out.items():
+            log.info("%s = %s", name, format_values(values))
         return out
 
     def features(self, source):
@@ -295,6 +296,16 @@ class CaffeOnSpark:
         return uri, rows
 
 
+def _as_list(values):
+    return list(values) if isinstance(values, (list, tuple, np.ndarray)) else [values]
+
+
+def format_values(values):
+    """A test output as CaffeOnSpark's result file writes it: "0.98", or "0.1,0.9" for a
+    vector (the same text in the file, the job's output and the log)."""
+    return ",".join(repr(float(v)) for v in _as_list(values))
+
+
 def write_test_result(spark, result, conf):
     """Write a test result to -output as CaffeOnSpark did: one text file, a line per output
     blob ("accuracy: 0.98", a vector's values comma-separated). -output means what it means
@@ -303,9 +314,8 @@ def write_test_result(spark, result, conf):
     renames it into place. Returns the file's URI."""
     uri = check_output(spark, conf)
     lines = []
-    for name, value in result.items():
-        values = value if isinstance(value, list) else [value]
-        lines.append(f"{name}: " + ",".join(repr(float(v)) for v in values))
+    for name, values in result.items():
+        lines.append(f"{name}: {format_values(values)}")
     data = ("\n".join(lines) + "\n").encode("utf-8")
     if storage.is_local(uri):  # Hadoop's local filesystem would add a .crc file beside it
         storage.write_bytes(uri, data)

@@ -20,7 +20,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource  # noqa: E402
-from caffeonspark.api import check_output, write_test_result  # noqa: E402
+from caffeonspark.api import check_output, format_values, write_test_result  # noqa: E402
 from caffeonspark.launch import job_logging, run_job  # noqa: E402
 
 log = logging.getLogger("caffeonspark")
@@ -46,8 +46,8 @@ def run(conf, spark):
             df.show(5, truncate=60)
     if conf.test:
         result = cos.test(DataSource.get(conf, is_train=False))
-        for name, value in result.items():
-            print(f"{name} = {value}", flush=True)
+        for name, values in result.items():
+            print(f"{name} = {format_values(values)}", flush=True)
         if conf.output and not conf.features:  # as CaffeOnSpark: -output holds the features
             print(f"test result written to {write_test_result(spark, result, conf)}", flush=True)
     return 0

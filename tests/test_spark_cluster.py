@@ -380,9 +380,10 @@ def test_test_returns_dataset_means(spark, data, trained):
     conf = Config(spark, conf=trained["conf"].conf, model=model, lmdb_partitions=3)
     result = CaffeOnSpark(spark).test(DataSource.get(conf, is_train=False))
     ref = local_outputs(trained["conf"].conf, model, data["test"], 103)
+    # CaffeOnSpark's shape: {blob: a list of per-element means}, a list even for scalars.
     assert set(result) == {"accuracy", "loss"}
-    assert result["accuracy"] == pytest.approx(float(ref["accuracy"]), abs=1e-6)
-    assert result["loss"] == pytest.approx(float(ref["loss"]), rel=1e-4)
+    assert result["accuracy"] == pytest.approx([float(ref["accuracy"])], abs=1e-6)
+    assert result["loss"] == pytest.approx([float(ref["loss"])], rel=1e-4)
 
 
 def test_lmdbs_shipped_as_archives(spark, data, tmp_path):
@@ -456,7 +457,7 @@ def test_binary2dataframe_reads_every_listed_file(spark, trained, tmp_path, caps
     solver = write_solver(folder, table, table, 16, test_batch=10)
     conf = Config(spark, conf=solver, model=str(trained["summary"].model), clusterSize=2)
     conf.test = True
-    assert 0 <= CaffeOnSpark(spark).test(DataSource.get(conf, False))["accuracy"] <= 1
+    assert 0 <= CaffeOnSpark(spark).test(DataSource.get(conf, False))["accuracy"][0] <= 1
 
     (root / "d7.png").unlink()
     args = job.parse(argv + ["-output", str(tmp_path / "again.parquet")])
@@ -592,7 +593,7 @@ def test_test_with_output_writes_the_result_file(spark, trained, tmp_path, capsy
     printed = capsys.readouterr().out
     lines = dict(line.split(": ") for line in out.read_text().splitlines())
     assert set(lines) == {"accuracy", "loss"}
-    assert f"accuracy = {float(lines['accuracy'])}" in printed
+    assert f"accuracy = {lines['accuracy']}\n" in printed
     assert 0 <= float(lines["accuracy"]) <= 1 and float(lines["loss"]) > 0
     assert os.listdir(out.parent) == ["test_result"]  # no temp file left
     # The path for remote filesystems (hdfs://, s3a://) goes through Hadoop's API: run it on
@@ -727,7 +728,7 @@ def test_caffeonspark_prototxts_run_unchanged(spark, data, caplog):
     assert {r.SampleID: int(r.label[0]) for r in feats} == {
         f"s{i}": int(lab) for i, lab in enumerate(labels)
     }
-    assert 0 <= cos.test(source)["accuracy"] <= 1
+    assert 0 <= cos.test(source)["accuracy"][0] <= 1
 
 
 def test_caffeonspark_tables_keep_opencv_pixel_order(spark, tmp_path):
@@ -821,7 +822,7 @@ def test_caffeonspark_cos_data_layer(spark, data, tmp_path):
         str(i): int(lab) for i, lab in enumerate(tlabels)
     }
     assert all(len(r.ip2) == 10 for r in rows)
-    assert 0 <= cos.test(source)["accuracy"] <= 1
+    assert 0 <= cos.test(source)["accuracy"][0] <= 1
     conf.resize = False  # without -resize the 30x30 images do not fit the top
     with pytest.raises(Exception, match="the image is 30x30, the top takes 28x28"):
         cos.test(DataSource.get(conf, False))
