@@ -3,7 +3,7 @@ ms per forward+backward, per-layer times, GFLOP/s of the conv/IP layers and the 
 
     python bench/engine_speed.py [--iters 20] [--warmup 3] [--rounds 1] [--nets lenet ...]
         [--force-backward] [--fourier-forward [test|all|none]] [--phase train|test]
-        [--golden ../shared/golden] [--keep-blas-env]
+        [--compare-forward] [--golden ../shared/golden] [--keep-blas-env]
 
 Like `caffe time`: TRAIN phase, random input, no gradient into the data unless
 --force-backward (the golden prototxts set force_backward; `caffe time` nets do not).
@@ -13,6 +13,9 @@ Like `caffe time`: TRAIN phase, random input, no gradient into the data unless
 nets with --fourier-forward / ENGINE_FOURIER_FORWARD=all) in the "path" column; their GFLOP
 and GFLOP/s count im2col's multiply-adds, so they read as the rate an im2col convolution would
 need for the same time.
+`--compare-forward` times each net twice in one process, rounds alternating so that both see
+the same load: with Caffe's TRAIN forward (the default, bit for bit Caffe's) and with the
+Fourier one (ENGINE_FOURIER_FORWARD=all), and prints the two medians side by side.
 OpenBLAS worker threads busy-wait ~0.1 s after each call by default and then compete with
 the copies that follow; unless --keep-blas-env, this script sets OPENBLAS_THREAD_TIMEOUT=4
 (before NumPy loads OpenBLAS), which made timings both faster and stable here.
@@ -172,6 +175,33 @@ def report(name, net, result, rounds, backward=True):
     return med
 
 
+def compare_forward(args):
+    """Each TRAIN net built twice, Caffe's forward ("test": the default) and the Fourier one
+    ("all"); the forward mode is fixed when a layer first takes its shape, so both nets live
+    side by side and their rounds alternate."""
+    modes = {"test": "Caffe's forward (default)", "all": "Fourier forward (all)"}
+    summary = []
+    for name in args.nets:
+        nets, runs = {}, {mode: [] for mode in modes}
+        for mode in modes:
+            os.environ[fourier.FORWARD_ENV] = mode
+            nets[mode] = build(args.golden, name, NETS[name], args.force_backward)
+        os.environ.pop(fourier.FORWARD_ENV, None)
+        for _ in range(args.rounds):
+            for mode in modes:
+                runs[mode].append(time_net(nets[mode], args.iters, args.warmup))
+        medians = {}
+        for mode, label in modes.items():
+            best = min(runs[mode], key=lambda r: statistics.median(r[2]))
+            print(f"\n-- {label}")
+            medians[mode] = report(name, nets[mode], best, args.rounds)
+        summary.append((name, medians))
+    print("\nforward+backward median ms, same rounds:")
+    for name, medians in summary:
+        cells = ", ".join(f"{modes[m]} {ms:.2f}" for m, ms in medians.items())
+        print(f"  {name}: {cells}; target {TARGET_MS[name]}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=20)
@@ -194,8 +224,15 @@ def main(argv=None):
         default="train",
         help="train: forward+backward of the TRAIN net; test: forward of the TEST net",
     )
+    ap.add_argument(
+        "--compare-forward",
+        action="store_true",
+        help="time each TRAIN net with Caffe's forward and with the Fourier one, alternating",
+    )
     ap.add_argument("--golden", type=Path, default=ROOT.parent / "shared" / "golden")
     args = ap.parse_args(argv)
+    if args.compare_forward and (args.fourier_forward or args.phase != "train"):
+        ap.error("--compare-forward times TRAIN nets in both forward modes by itself")
     if args.fourier_forward:
         os.environ[fourier.FORWARD_ENV] = args.fourier_forward
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -208,6 +245,9 @@ def main(argv=None):
     shapes = [(1024, 1024, 1024), (32, 800, 25600), (64, 800, 6400), (50, 500, 4096)]
     rates = ", ".join(f"{m}x{k}x{n}: {sgemm_gflops(m, k, n):.1f}" for m, k, n in shapes)
     print(f"SGEMM GFLOP/s (MxKxN; 1024^3, then conv-shaped): {rates}")
+    if args.compare_forward:
+        compare_forward(args)
+        return
     train = args.phase == "train"
     phase = engine.TRAIN if train else engine.TEST
     for name in args.nets:
