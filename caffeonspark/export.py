@@ -8,10 +8,18 @@ a byte column of pixels cannot hold, is kept whole (the DataFrame source parses 
 
 Also CaffeOnSpark's Binary2DataFrame: the files a label list names ('<file> <label> <id>'
 lines) as rows of SampleID, label and data (the file's bytes), every listed file read.
+
+Either as a Hadoop sequence file instead (CaffeOnSpark's LMDB2Sequence and Binary2Sequence,
+`write_sequence`): BytesWritable pairs whose key is the Java-serialized record header that
+SeqImageDataSource reads (caffeonspark.sources.sequence) and whose value is the image: an
+encoded file's bytes, or raw pixels in OpenCV's (height, width, channels) order.
 """
+
+import numpy as np
 
 from caffeonspark import storage
 from caffeonspark.sources import SourceError, key_text, partition_source
+from caffeonspark.sources.sequence import KEY_CLASS, VALUE_CLASS, encode_key
 from caffeonspark.storage import StorageError
 from engine.data.datum import DatumError, parse_datum
 from engine.proto import caffe_pb2
@@ -21,6 +29,8 @@ SCHEMA = (
 )
 # Formats that keep the data column as bytes (JSON would turn them into base64 text).
 FORMATS = ("parquet", "orc")
+# ...and what the conversion jobs write: those tables, or CaffeOnSpark's sequence files.
+OUTPUT_FORMATS = FORMATS + ("sequence",)
 
 
 def datum_row(key, value, what):
@@ -52,12 +62,16 @@ def _rows_task(localizer, num):
     return task
 
 
-def source_frame(spark, source):
-    """A DataFrame of every record of `source` (a DataSource; its test / features
-    partitions), in its order."""
+def source_rows(spark, source):
+    """An RDD of the SCHEMA rows of every record of `source` (a DataSource; its test /
+    features partitions), in its order."""
     rdd, localizer = source.partitions(spark)
-    rows = rdd.mapPartitionsWithIndex(_rows_task(localizer, rdd.getNumPartitions()))
-    return spark.createDataFrame(rows, SCHEMA)
+    return rdd.mapPartitionsWithIndex(_rows_task(localizer, rdd.getNumPartitions()))
+
+
+def source_frame(spark, source):
+    """`source_rows` as a DataFrame."""
+    return spark.createDataFrame(source_rows(spark, source), SCHEMA)
 
 
 def lmdb_source(conf, uri):
@@ -123,10 +137,10 @@ def _read_listed(root, label_file):
     return task
 
 
-def image_list_frame(spark, root, label_file, partitions=0):
-    """(DataFrame of the files `label_file` lists under `root`, and their count): each task
-    reads its files (any filesystem storage reads: local, hdfs://, s3://); a file that
-    cannot be read fails the job, naming the file and its line."""
+def image_list_rows(spark, root, label_file, partitions=0):
+    """(RDD of the LIST_SCHEMA rows of the files `label_file` lists under `root`, and their
+    count): each task reads its files (any filesystem storage reads: local, hdfs://, s3://);
+    a file that cannot be read fails the job, naming the file and its line."""
     label_file = storage.absolute(label_file)
     text = storage.read_bytes(label_file, "label list").decode("utf-8")
     entries = parse_label_list(text, storage.shown(label_file))
@@ -135,4 +149,34 @@ def image_list_frame(spark, root, label_file, partitions=0):
     rdd = sc.parallelize(entries, min(slices, len(entries))).mapPartitions(
         _read_listed(storage.absolute(root), storage.shown(label_file))
     )
-    return spark.createDataFrame(rdd, LIST_SCHEMA), len(entries)
+    return rdd, len(entries)
+
+
+def sequence_pair(row):
+    """(key, value) of a sequence file record for a SCHEMA row (LMDB2Sequence: a Tuple6 key)
+    or a LIST_SCHEMA row (Binary2Sequence: a Tuple2 key, the file's bytes)."""
+    if len(row) == 3:
+        sample_id, label, data = row
+        return bytearray(encode_key(sample_id, label)), bytearray(data)
+    sample_id, label, c, h, w, encoded, data = row
+    if encoded:
+        return bytearray(encode_key(sample_id, label, 0, 0, 0, True)), bytearray(data)
+    if c is None:
+        raise SourceError(
+            f"record {sample_id!r}: a Datum of float_data; a sequence file record holds "
+            "image bytes only (write a table: -outputFormat parquet)"
+        )
+    pixels = np.frombuffer(data, np.uint8).reshape(c, h, w).transpose(1, 2, 0)
+    return bytearray(encode_key(sample_id, label, c, h, w, False)), bytearray(pixels.tobytes())
+
+
+def write_sequence(spark, rows, uri, expected):
+    """Write an RDD of SCHEMA or LIST_SCHEMA rows to `uri` as CaffeOnSpark's sequence files
+    and check that the files hold `expected` records."""
+    rows.map(sequence_pair).saveAsSequenceFile(uri)
+    written = spark.sparkContext.sequenceFile(uri, KEY_CLASS, VALUE_CLASS).count()
+    if written != expected:
+        raise SourceError(
+            f"{storage.shown(uri)}: wrote {written} records, the source has {expected}"
+        )
+    return written

@@ -11,6 +11,7 @@ from caffeonspark.sources.sequence import (
     JavaSerializationError,
     SequenceRows,
     decode_key,
+    encode_key,
     read_java_object,
 )
 
@@ -102,3 +103,25 @@ def test_bad_keys_name_the_record():
         list(rows(0, [(HASHMAP, b"")]))
     with pytest.raises(SourceError, match="not a Java-serialized .*no AC ED 00 05 header"):
         list(rows(0, [(b"img-0", b"")]))
+
+
+def test_keys_are_written_as_the_jvm_writes_them():
+    """encode_key gives ObjectOutputStream's bytes: the fixtures above came from the JVM
+    (the Spark tests compare against it again, with integers past Integer's cache)."""
+    assert encode_key("img-0", "3") == TUPLE2
+    assert encode_key("img-1", 7, 3, 32, 32, False) == TUPLE6
+    assert encode_key("é\x00😀", 12) == TUPLE2_UNICODE
+    # 300 is not a cached Integer: two objects, the class written once; a long id.
+    long_id = "x" * 70000
+    key = encode_key(long_id, "1", 3, 300, 300, True)
+    assert key.count(b"java.lang.Integer") == 1 and key.count(b"\x00\x00\x01\x2c") == 2
+    assert decode_key(key, "r") == {
+        "SampleID": long_id,
+        "label": "1",
+        "channels": 3,
+        "height": 300,
+        "width": 300,
+        "encoded": True,
+    }
+    with pytest.raises(ValueError, match="does not fit a Java int"):
+        encode_key("a", "1", 3, 2**31, 1, False)

@@ -18,6 +18,7 @@ from s3server import local_s3
 from test_spark_config import load_job
 
 from caffeonspark import CaffeOnSpark, Config, ConfigError, DataSource, LaunchError, SourceError
+from caffeonspark.sources.sequence import KEY_CLASS, VALUE_CLASS, encode_key
 from engine.data import LMDBWriter, array_to_datum
 from engine.proto import caffe_pb2
 
@@ -524,6 +525,58 @@ def test_lmdb2dataframe_keeps_every_record(spark, data, trained, tmp_path, capsy
         results.append(CaffeOnSpark(spark).test(DataSource.get(conf, is_train=False)))
     assert results[0]["accuracy"] == pytest.approx(results[1]["accuracy"], abs=1e-6)
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+
+
+def test_conversion_jobs_write_caffeonspark_sequence_files(spark, data, trained, tmp_path, capsys):
+    """-outputFormat sequence: LMDB2Sequence (Tuple6 keys) and Binary2Sequence (Tuple2 keys),
+    keys byte for byte what the JVM serializes; a net tests on the sequence file as on the
+    LMDB it came from."""
+    seq = str(tmp_path / "test_seq")
+    job = load_job("lmdb2dataframe")
+    args = job.parse(["-imageRoot", data["test"], "-output", seq, "-outputFormat", "sequence"])
+    assert job.run(args, spark) == 0
+    assert "103 records of " in capsys.readouterr().out
+    sc = spark.sparkContext
+    pairs = {bytes(k): bytes(v) for k, v in sc.sequenceFile(seq, KEY_CLASS, VALUE_CLASS).collect()}
+    images, labels = digits(103, "test")
+    tuple2, tuple6 = spark._jvm.scala.Tuple2, spark._jvm.scala.Tuple6
+    key = java_serialized(spark, tuple6("00000005", str(labels[5]), 1, 28, 28, False))
+    assert pairs[key] == images[5].tobytes() and len(pairs) == 103
+    # past Integer's cache the JVM writes each int as its own object: so does encode_key
+    big = java_serialized(spark, tuple6("k", "1", 3, 256, 256, True))
+    assert encode_key("k", 1, 3, 256, 256, True) == big
+
+    def memory_data(lp):
+        lp.type = "MemoryData"
+        text_format.Merge(
+            f"""source_class: "com.yahoo.ml.caffe.SeqImageDataSource"
+            memory_data_param {{ source: "{seq}" batch_size: 10
+            channels: 1 height: 28 width: 28 }}""",
+            lp,
+        )
+
+    model = str(trained["summary"].model)
+    folder = tmp_path / "on_seq"
+    folder.mkdir()
+    conf = Config(spark, conf=write_lenet(folder, memory_data), model=model)
+    on_seq = CaffeOnSpark(spark).test(DataSource.get(conf, is_train=False))
+    conf = Config(spark, conf=trained["conf"].conf, model=model)
+    on_lmdb = CaffeOnSpark(spark).test(DataSource.get(conf, is_train=False))
+    assert on_seq["accuracy"] == pytest.approx(on_lmdb["accuracy"], abs=1e-6)
+    assert on_seq["loss"] == pytest.approx(on_lmdb["loss"], rel=1e-5)
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(3):
+        (root / f"d{i}.png").write_bytes(png_bytes(images[i]))
+    (tmp_path / "labels.txt").write_text("".join(f"d{i}.png {labels[i]}\n" for i in range(3)))
+    job = load_job("binary2dataframe")
+    out = str(tmp_path / "files_seq")
+    argv = ["-imageRoot", str(root), "-labelFile", str(tmp_path / "labels.txt"), "-output", out]
+    assert job.run(job.parse(argv + ["-outputFormat", "sequence"]), spark) == 0
+    pairs = {bytes(k): bytes(v) for k, v in sc.sequenceFile(out, KEY_CLASS, VALUE_CLASS).collect()}
+    key = java_serialized(spark, tuple2("d1.png", str(labels[1])))
+    assert pairs[key] == (root / "d1.png").read_bytes() and len(pairs) == 3
 
 
 def test_output_without_a_filesystem_fails_before_training(spark, data, tmp_path):

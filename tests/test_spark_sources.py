@@ -14,6 +14,7 @@ from caffeonspark.api import run_inference
 from caffeonspark.config import TEST, TRAIN
 from caffeonspark.sources import as_data_layer, open_spec, rewrite_net
 from caffeonspark.sources.dataframe import (
+    HWC,
     OPTIONAL_COLUMNS,
     ArrowRecordSource,
     DataFrameSource,
@@ -22,6 +23,7 @@ from caffeonspark.sources.dataframe import (
     write_arrow,
 )
 from caffeonspark.sources.lmdb import LMDBLocalizer
+from caffeonspark.sources.sequence import decode_key
 from engine.data import LMDBWriter, array_to_datum
 from engine.data.datum import datum_to_array, encoded_datum
 from engine.net import Net
@@ -348,6 +350,30 @@ def test_export_rows_read_back_as_the_same_records():
     assert export.datum_row(
         b"k", array_to_datum(np.zeros((1, 2, 2), np.uint8), 1).SerializeToString(), "r"
     )[2:5] == (1, 2, 2)
+
+
+def test_sequence_records_read_back_as_the_same_records():
+    # LMDB2Sequence's pairs (Tuple6 key, pixels in HWC), read by the sequence source, give back
+    # every record; Binary2Sequence's (Tuple2 key, the file's bytes) likewise.
+    conv = RowConverter(list(OPTIONAL_COLUMNS) + ["data", "label"], "seq", None, pixel_order=HWC)
+    colour = array_to_datum(np.arange(24, dtype=np.uint8).reshape(2, 3, 4), 5)
+    records = [r for r in mixed_records() if r[0] != b"float"] + [(b"colour", colour)]
+    for key, datum in records:
+        row = export.datum_row(key, datum.SerializeToString(), "r")
+        k, v = export.sequence_pair(row)
+        header = decode_key(bytes(k), "r")
+        got_key, value = conv({**header, "data": bytes(v)}, 0)
+        got = caffe_pb2.Datum.FromString(value)
+        assert got_key.decode() == row[0] and header["label"] == str(datum.label)
+        np.testing.assert_array_equal(datum_to_array(got), datum_to_array(datum))
+    # raw pixels go in OpenCV's order, as CaffeOnSpark's LmdbRDD wrote them
+    _, v = export.sequence_pair(export.datum_row(b"c", colour.SerializeToString(), "r"))
+    assert bytes(v) == np.arange(24, dtype=np.uint8).reshape(2, 3, 4).transpose(1, 2, 0).tobytes()
+    k, v = export.sequence_pair(("id7", 3, b"\x89PNG..."))
+    assert decode_key(bytes(k), "r")["SampleID"] == "id7" and bytes(v) == b"\x89PNG..."
+    floats = dict(mixed_records())[b"float"].SerializeToString()
+    with pytest.raises(SourceError, match="record 'float': a Datum of float_data; a sequence"):
+        export.sequence_pair(export.datum_row(b"float", floats, "r"))
 
 
 def test_export_refuses_what_no_data_layer_reads():

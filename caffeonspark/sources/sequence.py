@@ -246,6 +246,128 @@ def read_java_object(data):
     return _Reader(data).stream()
 
 
+# What the JVM writes for the classes in CaffeOnSpark's keys: (class name, serialVersionUID,
+# fields as (type code, name, class signature or None), superclass). The tuples' UIDs are
+# Scala 2.13's, the Scala that pyspark's JVM runs (our reader ignores UIDs; a JVM reader
+# checks them only when it rebuilds the object).
+_OBJECT = "Ljava/lang/Object;"
+_NUMBER = ("java.lang.Number", 0x86AC951D0B94E08B, (), None)
+_CLASSES = {
+    "Integer": ("java.lang.Integer", 0x12E2A0A4F7818738, (("I", "value", None),), _NUMBER),
+    "Boolean": ("java.lang.Boolean", 0xCD207280D59CFAEE, (("Z", "value", None),), None),
+    2: ("scala.Tuple2", 0x01FBDDCD22E7347A, (("L", "_1", _OBJECT), ("L", "_2", _OBJECT)), None),
+    6: (
+        "scala.Tuple6",
+        0x89E6CD0B84E7F030,
+        tuple(("L", f"_{i}", _OBJECT) for i in range(1, 7)),
+        None,
+    ),
+}
+
+
+def _modified_utf8(text):
+    """Java's modified UTF-8 (DataOutput.writeUTF's bytes): UTF-16 code units, NUL as C0 80."""
+    units = text.encode("utf-16-be", "surrogatepass")
+    out = bytearray()
+    for i in range(0, len(units), 2):
+        u = (units[i] << 8) | units[i + 1]
+        if 0 < u < 0x80:
+            out.append(u)
+        elif u < 0x800:
+            out += bytes((0xC0 | u >> 6, 0x80 | u & 0x3F))
+        else:
+            out += bytes((0xE0 | u >> 12, 0x80 | u >> 6 & 0x3F, 0x80 | u & 0x3F))
+    return bytes(out)
+
+
+class _Writer:
+    """ObjectOutputStream's bytes for strings, boxed Integer / Boolean and scala tuples of
+    them, with the JVM's back-references: a class or field signature written once, and
+    Integer.valueOf's cached -128..127 and the two Booleans shared, as boxing shares them."""
+
+    def __init__(self):
+        self.out = bytearray(struct.pack(">HH", _MAGIC, _VERSION))
+        self.handles = {}  # key -> handle number
+
+    def _assign(self, key):
+        self.handles[key] = _BASE_HANDLE + len(self.handles)
+
+    def _reference(self, key):
+        if key not in self.handles:
+            return False
+        self.out += struct.pack(">Bi", TC_REFERENCE, self.handles[key])
+        return True
+
+    def string(self, text, shared=False):
+        """A new String object (shared: one instance, such as a field signature)."""
+        if shared and self._reference(("string", text)):
+            return
+        data = _modified_utf8(text)
+        if len(data) <= 0xFFFF:
+            self.out += struct.pack(">BH", TC_STRING, len(data)) + data
+        else:
+            self.out += struct.pack(">Bq", TC_LONGSTRING, len(data)) + data
+        self._assign(("string", text) if shared else ("new", len(self.handles)))
+
+    def class_desc(self, desc):
+        if desc is None:
+            self.out.append(TC_NULL)
+            return
+        name, uid, fields, superclass = desc
+        if self._reference(("class", name)):
+            return
+        data = _modified_utf8(name)
+        self.out += struct.pack(">BH", TC_CLASSDESC, len(data)) + data
+        self.out += struct.pack(">QBH", uid, SC_SERIALIZABLE, len(fields))
+        self._assign(("class", name))
+        for code, field, signature in fields:
+            data = _modified_utf8(field)
+            self.out += struct.pack(">cH", code.encode(), len(data)) + data
+            if signature is not None:
+                self.string(signature, shared=True)
+        self.out.append(TC_ENDBLOCKDATA)
+        self.class_desc(superclass)
+
+    def value(self, v):
+        if isinstance(v, str):
+            self.string(v)
+        elif isinstance(v, bool):
+            if not self._reference(("bool", v)):
+                self.out.append(TC_OBJECT)
+                self.class_desc(_CLASSES["Boolean"])
+                self._assign(("bool", v))
+                self.out.append(int(v))
+        elif isinstance(v, int):
+            if not -(2**31) <= v < 2**31:
+                raise ValueError(f"{v} does not fit a Java int")
+            cached = -128 <= v <= 127
+            if not (cached and self._reference(("int", v))):
+                self.out.append(TC_OBJECT)
+                self.class_desc(_CLASSES["Integer"])
+                self._assign(("int", v) if cached else ("new", len(self.handles)))
+                self.out += struct.pack(">i", v)
+        else:
+            raise TypeError(f"cannot serialize a {type(v).__name__} into a CaffeOnSpark key")
+
+    def tuple(self, values):
+        self.out.append(TC_OBJECT)
+        self.class_desc(_CLASSES[len(values)])
+        self._assign(("new", len(self.handles)))
+        for v in values:
+            self.value(v)
+        return bytes(self.out)
+
+
+def encode_key(sample_id, label, channels=None, height=None, width=None, encoded=None):
+    """A sequence file key as CaffeOnSpark's tools wrote it: scala.Tuple2(id, label)
+    (Binary2Sequence: the value is an image file), or with a shape scala.Tuple6(id, label,
+    channels, height, width, encoded) (LMDB2Sequence). id and label are strings."""
+    values = [str(sample_id), str(label)]
+    if channels is not None:
+        values += [int(channels), int(height), int(width), bool(encoded)]
+    return _Writer().tuple(values)
+
+
 def decode_key(key, what):
     """The record header in a sequence file key: a dict of SampleID, label, channels, height,
     width, encoded (shape None for a pair: the value is an encoded image)."""
