@@ -553,14 +553,39 @@ def run_inference(net_bytes, layer, model_bytes, source, mode, what, progress=No
             yield name, sums[name].tolist(), counts[name]
 
 
+def _sequence_lengths(net):
+    """T of every transposed (T x N) CoSData top: blobs computed from one (Embed, LSTM)
+    keep that T x N order, so their records lie along axis 1."""
+    from engine.layers.cos_data import CoSData
+
+    return {
+        t.out_shape[0]
+        for layer in net.layers
+        if isinstance(layer, CoSData)
+        for t in layer.tops
+        if t.transpose
+    }
+
+
 def _feature_rows(net, keys, blobs):
     from engine.backend import to_numpy
 
     n = len(keys)
+    lengths = _sequence_lengths(net)
     arrays = []
     for name in blobs:
         arr = to_numpy(net.blobs[name].data)
-        if arr.ndim == 0 or arr.shape[0] != n:
+        per_record = arr.ndim >= 1 and arr.shape[0] == n
+        time_major = arr.ndim >= 2 and arr.shape[1] == n and arr.shape[0] in lengths
+        if per_record and time_major:
+            raise SourceError(
+                f"blob {name!r} has shape {arr.shape}: its first axis could be the batch or "
+                f"the sequences of a transposed top (both {n} long); give the data layer a "
+                "batch_size other than the sequence length"
+            )
+        if time_major:  # T x N x ...: record i is arr[:, i], in time order
+            arr = arr.swapaxes(0, 1)
+        elif not per_record:
             raise SourceError(
                 f"blob {name!r} has shape {arr.shape}: not one row per record (batch of {n}); "
                 "-features takes per-record blobs"

@@ -244,6 +244,38 @@ def test_run_inference_features_cover_every_record(lenet):
     np.testing.assert_allclose([r[1] for r in rows], ref.blobs["ip2"].data, rtol=1e-5, atol=1e-5)
 
 
+def test_features_of_sequence_major_blobs_are_one_row_per_record(tmp_path):
+    """-features on an LSTM-style net: T x N blobs (a transposed CoSData top, and Embed's
+    output from it) give record i's values in time order; when T equals the batch, which
+    axis holds the records is ambiguous, and -features says so instead of guessing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_cos_data import cos_net
+
+    from caffeonspark.api import _feature_rows
+
+    T = 4
+    words = [[1 + (i + t) % 8 for t in range(T)] for i in range(6)]
+    pq.write_table(pa.table({"input": words}), tmp_path / "s.parquet")
+    tops = f'top {{ name: "input" type: INT_ARRAY channels: {T} sample_num_axes: 1 ' + (
+        "transpose: true }"
+    )
+    embed = """layer { name: "embed" type: "Embed" bottom: "input" top: "emb"
+        embed_param { input_dim: 10 num_output: 3 bias_term: false
+          weight_filler { type: "uniform" min: -1 max: 1 } } }"""
+    net = Net(cos_net(tmp_path / "s.parquet", tops, ["input"], 3, embed), phase=TEST)
+    net.forward()
+    rows = list(_feature_rows(net, [b"a", b"b", b"c"], ["input", "emb"]))
+    assert [r[0] for r in rows] == ["a", "b", "c"]
+    for i, (_, seq, emb) in enumerate(rows):
+        assert seq == [float(w) for w in words[i]]
+        np.testing.assert_array_equal(np.reshape(emb, (T, 3)), net.blobs["emb"].data[:, i])
+    net = Net(cos_net(tmp_path / "s.parquet", tops, ["input"], T, embed), phase=TEST)
+    net.forward()
+    with pytest.raises(SourceError, match=r"'emb' has shape \(4, 4, 3\): its first axis could"):
+        list(_feature_rows(net, [b"a", b"b", b"c", b"d"], ["emb"]))
+
+
 def test_run_inference_test_means_weight_batches_by_size(lenet):
     conf = lenet["conf"]
     layer = conf.data_layer(TEST)
