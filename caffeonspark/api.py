@@ -567,6 +567,23 @@ def _sequence_lengths(net):
     }
 
 
+def _by_record(name, arr, n, lengths):
+    """`arr` with its records along axis 0: as it is (N x ...), or swapped from a transposed
+    top's T x N x ... order (record i is arr[:, i], in time order); None for a batch-level
+    blob (a loss, an accuracy)."""
+    per_record = arr.ndim >= 1 and arr.shape[0] == n
+    time_major = arr.ndim >= 2 and arr.shape[1] == n and arr.shape[0] in lengths
+    if per_record and time_major:
+        raise SourceError(
+            f"blob {name!r} has shape {arr.shape}: its first axis could be the batch or "
+            f"the sequences of a transposed top (both {n} long); give the data layer a "
+            "batch_size other than the sequence length"
+        )
+    if time_major:
+        return arr.swapaxes(0, 1)
+    return arr if per_record else None
+
+
 def _feature_rows(net, keys, blobs):
     from engine.backend import to_numpy
 
@@ -575,22 +592,13 @@ def _feature_rows(net, keys, blobs):
     arrays = []
     for name in blobs:
         arr = to_numpy(net.blobs[name].data)
-        per_record = arr.ndim >= 1 and arr.shape[0] == n
-        time_major = arr.ndim >= 2 and arr.shape[1] == n and arr.shape[0] in lengths
-        if per_record and time_major:
-            raise SourceError(
-                f"blob {name!r} has shape {arr.shape}: its first axis could be the batch or "
-                f"the sequences of a transposed top (both {n} long); give the data layer a "
-                "batch_size other than the sequence length"
-            )
-        if time_major:  # T x N x ...: record i is arr[:, i], in time order
-            arr = arr.swapaxes(0, 1)
-        elif not per_record:
+        rec = _by_record(name, arr, n, lengths)
+        if rec is None:
             raise SourceError(
                 f"blob {name!r} has shape {arr.shape}: not one row per record (batch of {n}); "
                 "-features takes per-record blobs"
             )
-        arrays.append(arr.reshape(n, -1))
+        arrays.append(rec.reshape(n, -1))
     for i, key in enumerate(keys):
         yield (key_text(key), *(a[i].tolist() for a in arrays))
 
@@ -600,10 +608,12 @@ def _accumulate(net, n, sums, counts, order):
     (loss, accuracy: means over the batch) weighted by the batch's record count."""
     from engine.backend import to_numpy
 
+    lengths = _sequence_lengths(net)
     for name in net.outputs:
         arr = np.asarray(to_numpy(net.blobs[name].data), dtype=np.float64)
-        if arr.ndim >= 1 and arr.shape[0] == n and n > 1:
-            total = arr.reshape(n, -1).sum(axis=0)
+        rec = _by_record(name, arr, n, lengths)
+        if rec is not None and n > 1:
+            total = rec.reshape(n, -1).sum(axis=0)
         else:
             total = arr.reshape(-1) * n
         if name not in sums:

@@ -2,6 +2,7 @@
 DataFrame rows -> Datums, Arrow spill files, ImageData rewriting, and the inference loop
 (full batches + a partial last batch, one row per record)."""
 
+import collections
 import io
 from pathlib import Path
 
@@ -246,13 +247,14 @@ def test_run_inference_features_cover_every_record(lenet):
 
 def test_features_of_sequence_major_blobs_are_one_row_per_record(tmp_path):
     """-features on an LSTM-style net: T x N blobs (a transposed CoSData top, and Embed's
-    output from it) give record i's values in time order; when T equals the batch, which
-    axis holds the records is ambiguous, and -features says so instead of guessing."""
+    output from it) give record i's values in time order, and -test sums them per record;
+    when T equals the batch, which axis holds the records is ambiguous, and -features says
+    so instead of guessing."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from test_cos_data import cos_net
 
-    from caffeonspark.api import _feature_rows
+    from caffeonspark.api import _accumulate, _feature_rows
 
     T = 4
     words = [[1 + (i + t) % 8 for t in range(T)] for i in range(6)]
@@ -270,6 +272,11 @@ def test_features_of_sequence_major_blobs_are_one_row_per_record(tmp_path):
     for i, (_, seq, emb) in enumerate(rows):
         assert seq == [float(w) for w in words[i]]
         np.testing.assert_array_equal(np.reshape(emb, (T, 3)), net.blobs["emb"].data[:, i])
+    # -test sums such an output per record too (record-wise means over the dataset)
+    sums, counts, order = {}, collections.Counter(), []
+    _accumulate(net, 3, sums, counts, order)
+    emb = net.blobs["emb"].data.astype(np.float64)  # as _accumulate sums
+    np.testing.assert_allclose(sums["emb"], emb.swapaxes(0, 1).reshape(3, -1).sum(axis=0))
     net = Net(cos_net(tmp_path / "s.parquet", tops, ["input"], T, embed), phase=TEST)
     net.forward()
     with pytest.raises(SourceError, match=r"'emb' has shape \(4, 4, 3\): its first axis could"):
