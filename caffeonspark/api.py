@@ -374,11 +374,16 @@ def check_new_output(spark, conf):
     """check_output for a tool that writes a new table: -output must not exist yet (a table
     is never replaced)."""
     uri = check_output(spark, conf)
-    sc = spark.sparkContext
-    path = sc._jvm.org.apache.hadoop.fs.Path(uri)
-    if path.getFileSystem(sc._jsc.hadoopConfiguration()).exists(path):
+    if output_exists(spark, uri):
         raise ConfigError(f"-output {storage.shown(uri)} exists: remove it or choose another")
     return uri
+
+
+def output_exists(spark, uri):
+    """Whether a path Spark writes (see check_output) is there already."""
+    sc = spark.sparkContext
+    path = sc._jvm.org.apache.hadoop.fs.Path(uri)
+    return bool(path.getFileSystem(sc._jsc.hadoopConfiguration()).exists(path))
 
 
 def _note_cpu_only(conf):

@@ -579,6 +579,85 @@ def test_conversion_jobs_write_caffeonspark_sequence_files(spark, data, trained,
     assert pairs[key] == (root / "d1.png").read_bytes() and len(pairs) == 3
 
 
+def test_coco2dataframe_makes_the_captioning_table(spark, tmp_path, capsys):
+    """CaffeOnSpark's CocoDataSetConverter: captions joined to their images, the vocabulary
+    (UNK, then by count), the caption arrays; a CoSData net reads the table; a second run
+    reuses the vocabulary; an unreadable image fails naming its row."""
+    import engine
+    from caffeonspark.captions import Conversions, Vocab
+
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    pixels = {name: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for name in "ab"}
+    for name, img in pixels.items():
+        (root / f"{name}.png").write_bytes(png_bytes(img))
+    coco = {
+        "images": [
+            {"id": i, "height": 8, "width": 8, "file_name": f"{n}.png", "flickr_url": f"f/{n}"}
+            for i, n in ((1, "a"), (2, "b"))
+        ],
+        "annotations": [
+            {"image_id": 1, "id": 11, "caption": "A dog runs."},
+            {"image_id": 1, "id": 12, "caption": "A dog."},
+            {"image_id": 2, "id": 21, "caption": "Two cats sleep on a bed."},
+        ],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(coco, indent=1))
+    job = load_job("coco2dataframe")
+    out = tmp_path / "out"
+    argv = ["-imageRoot", str(root), "-captionFile", str(tmp_path / "captions.json")]
+    argv += ["-output", str(out), "-captionLength", "5"]
+    args = job.parse(argv + ["-vocabSize", "4", "-imageCaptionDFDir", "captions"])
+    assert job.run(args, spark) == 0
+    assert "3 rows of " in capsys.readouterr().out
+    sc = spark.sparkContext
+    assert sc.textFile(str(out / "vocab")).collect() == ["UNK", "a", "dog", "bed", "cats"]
+    table = {r.id: r for r in spark.read.json(str(out / "captions")).collect()}
+    assert table[21].caption == "Two cats sleep on a bed." and table[21].url == "f/b"
+    rows = {r.id: r for r in spark.read.parquet(str(out / "embedding")).collect()}
+    assert sorted(rows) == ["11", "12", "21"]
+    assert rows["11"].input_sentence == [0, 1, 2, 1, -1]  # "runs" is unknown: 1
+    assert rows["11"].cont_sentence == [0, 1, 1, 1, -1]
+    assert rows["11"].target_sentence == [1, 2, 1, 0, -1]
+    assert rows["21"].input_sentence == [0, 1, 4, 1, 1]  # 4 of its 6 words fit
+    assert rows["21"].target_sentence == [1, 4, 1, 1, 0]
+    assert rows["21"].data.image == (root / "b.png").read_bytes()
+    assert (rows["21"].data.height, rows["21"].data.width, rows["21"].label) == (8, 8, 0)
+
+    # The LRCN data layer (CaffeOnSpark's lrcn_cos.prototxt tops) reads the table.
+    tops = (
+        'top { name: "data" type: ENCODED_IMAGE_WITH_DIM channels: 3 height: 8 width: 8 } '
+        'top { name: "input_sentence" type: INT_ARRAY channels: 5 sample_num_axes: 1 '
+        "transpose: true }"
+    )
+    text = f"""layer {{ name: "d" type: "CoSData" top: "data" top: "input_sentence"
+      source_class: "com.yahoo.ml.caffe.DataFrameSource"
+      cos_data_param {{ source: "{out / "embedding"}" batch_size: 3 {tops} }} }}"""
+    net = engine.Net(text_format.Parse(text, caffe_pb2.NetParameter()), phase=engine.TEST)
+    net.forward()
+    assert net.blobs["input_sentence"].data.shape == (5, 3)
+    assert net.blobs["data"].data.shape == (3, 3, 8, 8)
+
+    # Back to words (index 1 is both "a" and the unknown word, as in CaffeOnSpark).
+    vocab = Vocab(spark).load(str(out / "vocab"))
+    back = Conversions(sc).Embedding2Caption(
+        spark.read.parquet(str(out / "embedding")), vocab, "target_sentence", "caption"
+    )
+    assert {r.id: r.caption for r in back.collect()}["21"] == "a cats a a"
+
+    # A second set with the first one's vocabulary; an unreadable image names its row.
+    args = job.parse(argv + ["-vocabSize", "2", "-embeddingDFDir", "val"])
+    assert job.run(args, spark) == 0
+    assert sc.textFile(str(out / "vocab")).count() == 5
+    (root / "b.png").unlink()
+    args = job.parse(argv + ["-embeddingDFDir", "val2"])
+    with pytest.raises(Exception, match=r"row id 21: .*b.png"):
+        job.run(args, spark)
+    with pytest.raises(ConfigError, match="val exists"):
+        job.run(job.parse(argv + ["-embeddingDFDir", "val"]), spark)
+
+
 def test_output_without_a_filesystem_fails_before_training(spark, data, tmp_path):
     solver = write_solver(tmp_path, data["train"], data["test"], 16)
     model = tmp_path / "lenet.caffemodel"
