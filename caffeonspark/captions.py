@@ -125,6 +125,7 @@ def coco_image_captions(spark, caption_file, partitions=0):
     if "images" not in df.columns:
         raise SourceError(f"{storage.shown(uri)}: no 'images' list (not a COCO caption file)")
     images = df.select(F.explode("images").alias("i")).select("i.*")
+    _require(images, ("id", "height", "width", "file_name"), "images", uri)
     captions = "annotations" in df.columns
     url = "flickr_url" if captions else "coco_url"
     images = images.select(
@@ -137,7 +138,9 @@ def coco_image_captions(spark, caption_file, partitions=0):
     if not captions:
         out = images.withColumnRenamed("image_id", "id")
     else:
-        notes = df.select(F.explode("annotations").alias("a")).select(
+        notes = df.select(F.explode("annotations").alias("a"))
+        _require(notes.select("a.*"), ("image_id", "id", "caption"), "annotations", uri)
+        notes = notes.select(
             F.col("a.image_id").cast("long").alias("image_id"),
             F.col("a.id").cast("long").alias("id"),
             F.col("a.caption").cast("string").alias("caption"),
@@ -148,9 +151,17 @@ def coco_image_captions(spark, caption_file, partitions=0):
     return out.repartition(partitions) if partitions else out
 
 
+def _require(df, fields, what, uri):
+    missing = [f for f in fields if f not in df.columns]
+    if missing:
+        raise SourceError(f"{storage.shown(uri)}: the {what} have no {', '.join(missing)}")
+
+
 def _embedding_rows(root, word_index, length):
     def task(rows):
         for row in rows:
+            if not row["file"]:
+                raise SourceError(f"row id {row['id']}: no image file name")
             path = storage.join(root, row["file"])
             try:
                 image = storage.read_bytes(path, "image")

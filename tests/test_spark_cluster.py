@@ -657,6 +657,23 @@ def test_coco2dataframe_makes_the_captioning_table(spark, tmp_path, capsys):
     with pytest.raises(ConfigError, match="val exists"):
         job.run(job.parse(argv + ["-embeddingDFDir", "val"]), spark)
 
+    # Image info without annotations: one row per image, no sentences, no vocabulary.
+    del coco["annotations"]
+    (tmp_path / "images.json").write_text(json.dumps(coco))
+    images_only = ["-imageRoot", str(root), "-captionFile", str(tmp_path / "images.json")]
+    (root / "b.png").write_bytes(png_bytes(pixels["b"]))
+    args = job.parse(images_only + ["-output", str(tmp_path / "out2")])
+    assert job.run(args, spark) == 0
+    table = spark.read.parquet(str(tmp_path / "out2" / "embedding"))
+    assert table.columns == ["id", "data", "label"] and table.count() == 2
+    assert not (tmp_path / "out2" / "vocab").exists()
+    for image in coco["images"]:
+        del image["height"]
+    (tmp_path / "bad.json").write_text(json.dumps(coco))
+    bad = ["-imageRoot", str(root), "-captionFile", str(tmp_path / "bad.json")]
+    with pytest.raises(SourceError, match="bad.json: the images have no height"):
+        job.run(job.parse(bad + ["-output", str(tmp_path / "out3")]), spark)
+
 
 def test_output_without_a_filesystem_fails_before_training(spark, data, tmp_path):
     solver = write_solver(tmp_path, data["train"], data["test"], 16)
