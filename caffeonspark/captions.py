@@ -239,3 +239,6 @@ class Conversions:
 
     def Embedding2Caption(self, embeddingDF, vocab, embeddingColumn, captionColumn):
         return embedding_to_caption(embeddingDF, vocab, embeddingColumn, captionColumn)
+
+
+DFConversions = Conversions  # the name of CaffeOnSpark's tools module's copy

@@ -584,7 +584,7 @@ def test_coco2dataframe_makes_the_captioning_table(spark, tmp_path, capsys):
     (UNK, then by count), the caption arrays; a CoSData net reads the table; a second run
     reuses the vocabulary; an unreadable image fails naming its row."""
     import engine
-    from caffeonspark.captions import Conversions, Vocab
+    from caffeonspark.captions import Conversions, DFConversions, Vocab
 
     root = tmp_path / "images"
     root.mkdir()
@@ -641,6 +641,7 @@ def test_coco2dataframe_makes_the_captioning_table(spark, tmp_path, capsys):
 
     # Back to words (index 1 is both "a" and the unknown word, as in CaffeOnSpark).
     vocab = Vocab(spark).load(str(out / "vocab"))
+    assert DFConversions is Conversions  # CaffeOnSpark's tools copy of the class
     back = Conversions(sc).Embedding2Caption(
         spark.read.parquet(str(out / "embedding")), vocab, "target_sentence", "caption"
     )
