@@ -301,7 +301,27 @@ def test_embed(bias):
         layer.backward([y], [True], make_blobs(idx))
 
 
-@pytest.mark.parametrize("bad", [6.0, -1.0, 1.5])
+def test_embed_padding_is_a_zero_row_without_gradient():
+    """-1 pads CaffeOnSpark's caption indices: a zero row (plus the bias), no table gradient."""
+    rng.set_random_seed(6)
+    text = (
+        'type: "Embed" embed_param { input_dim: 4 num_output: 2 '
+        'weight_filler { type: "gaussian" std: 1 } bias_filler { type: "constant" value: 0.5 } }'
+    )
+    layer = make_layer(text)
+    idx = np.array([[1, -1], [3, -1]], np.float32)
+    (y,) = run(layer, make_blobs(idx))
+    np.testing.assert_array_equal(y.data[:, 1], 0.5)
+    np.testing.assert_array_equal(y.data[0, 0], layer.blobs[0].data[1] + 0.5)
+    y.diff[...] = 1
+    layer.backward([y], [False], make_blobs(idx))
+    np.testing.assert_array_equal(layer.blobs[0].diff[[0, 2]], 0)  # rows no index names
+    np.testing.assert_array_equal(layer.blobs[0].diff[[1, 3]], 1)  # once each, not from -1
+    np.testing.assert_array_equal(layer.blobs[1].diff, 4)  # the bias: every row, as Caffe
+    check_gradient(make_layer(text), make_blobs(idx), [Blob()], check_bottom=[])
+
+
+@pytest.mark.parametrize("bad", [6.0, -2.0, 1.5])
 def test_embed_rejects_bad_index(bad):
     text = 'type: "Embed" embed_param { input_dim: 6 num_output: 3 }'
     with pytest.raises(LayerError, match="index"):

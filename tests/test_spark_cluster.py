@@ -639,6 +639,46 @@ def test_coco2dataframe_makes_the_captioning_table(spark, tmp_path, capsys):
     assert net.blobs["input_sentence"].data.shape == (5, 3)
     assert net.blobs["data"].data.shape == (3, 3, 8, 8)
 
+    # ...and an LRCN (lrcn_cos.prototxt's layout, small) trains on it on 2 ranks.
+    sentence = "type: INT_ARRAY channels: 5 sample_num_axes: 1 transpose: true"
+    lrcn = f"""name: "lrcn"
+      layer {{ name: "data" type: "CoSData" top: "data" top: "label" top: "cont_sentence"
+        top: "input_sentence" top: "target_sentence"
+        source_class: "com.yahoo.ml.caffe.DataFrameSource"
+        cos_data_param {{ source: "{out / "embedding"}" batch_size: 1
+          top {{ name: "data" type: ENCODED_IMAGE_WITH_DIM channels: 3 height: 8 width: 8
+                 transform_param {{ mean_value: 104 mean_value: 117 mean_value: 123 }} }}
+          top {{ name: "label" type: INT channels: 1 height: 1 width: 1 }}
+          top {{ name: "cont_sentence" {sentence} }}
+          top {{ name: "input_sentence" {sentence} }}
+          top {{ name: "target_sentence" {sentence} }} }} }}
+      layer {{ name: "silence" type: "Silence" bottom: "label" }}
+      layer {{ name: "fc8" type: "InnerProduct" bottom: "data" top: "fc8"
+        inner_product_param {{ num_output: 4 weight_filler {{ type: "xavier" }} }} }}
+      layer {{ name: "embedding" type: "Embed" bottom: "input_sentence" top: "embedded"
+        embed_param {{ bias_term: false input_dim: 5 num_output: 4
+          weight_filler {{ type: "uniform" min: -0.08 max: 0.08 }} }} }}
+      layer {{ name: "lstm1" type: "LSTM" bottom: "embedded" bottom: "cont_sentence"
+        bottom: "fc8" top: "lstm1" recurrent_param {{ num_output: 6
+          weight_filler {{ type: "uniform" min: -0.08 max: 0.08 }} }} }}
+      layer {{ name: "predict" type: "InnerProduct" bottom: "lstm1" top: "predict"
+        inner_product_param {{ num_output: 5 axis: 2 weight_filler {{ type: "xavier" }} }} }}
+      layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "predict"
+        bottom: "target_sentence" top: "loss" loss_param {{ ignore_label: -1 }}
+        softmax_param {{ axis: 2 }} }}"""
+    (tmp_path / "lrcn.prototxt").write_text(lrcn)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "lrcn.prototxt"}" base_lr: 0.1 lr_policy: "fixed" max_iter: 2 '
+        "random_seed: 5"
+    )
+    conf = Config(
+        spark, conf=str(tmp_path / "solver.prototxt"), model=str(tmp_path / "lrcn.caffemodel")
+    )
+    conf.clusterSize = 2
+    summary = CaffeOnSpark(spark).train(DataSource.get(conf, is_train=True))
+    assert summary.iterations == 2 and summary.ranks == 2
+    assert all(np.isfinite(loss) for loss in summary.losses)
+
     # Back to words (index 1 is both "a" and the unknown word, as in CaffeOnSpark).
     vocab = Vocab(spark).load(str(out / "vocab"))
     assert DFConversions is Conversions  # CaffeOnSpark's tools copy of the class
