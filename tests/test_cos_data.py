@@ -244,3 +244,47 @@ def test_transposed_sequences_feed_an_lstm(tmp_path):
     assert np.isfinite(loss) and 2.0 < loss < 2.5  # about ln 10 for an untrained net
     net.backward()
     assert np.abs(net.params["embed"][0].diff).sum() > 0
+
+
+def test_the_readme_lrcn_data_layer_feeds_conf_lrcn(tmp_path):
+    """The README's CoSData layer for conf/lrcn over coco2dataframe's table (72x72 images,
+    captions of T = 20 padded with -1) builds, runs forward and backward."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    start = readme.index("To train `conf/lrcn` on the table")
+    block = readme[readme.index("```", start) + 3 :]
+    block = block[: block.index("```")]
+    rng = np.random.default_rng(4)
+    rows = 16
+    words = [[2 + (i + t) % 9 for t in range(i % 7 + 1)] for i in range(rows)]
+    inputs = [[0] + w + [-1] * (19 - len(w)) for w in words]
+    cont = [[0] + [1] * len(w) + [-1] * (19 - len(w)) for w in words]
+    target = [w + [0] + [-1] * (19 - len(w)) for w in words]
+    images = [png(rng.integers(0, 256, (72, 72, 3), dtype=np.uint8)) for _ in range(rows)]
+    table = {
+        "id": [str(i) for i in range(rows)],
+        "data": [{"height": 72, "width": 72, "image": im} for im in images],
+        "label": pa.array([0] * rows, pa.int32()),
+        "input_sentence": inputs,
+        "cont_sentence": cont,
+        "target_sentence": target,
+    }
+    pq.write_table(pa.table(table), tmp_path / "embedding.parquet")
+    block = block.replace("hdfs:///coco/parquet/embedding", str(tmp_path / "embedding.parquet"))
+    lrcn = (root / "conf/lrcn/train_val.prototxt").read_text()
+    net = text_format.Parse(lrcn, caffe_pb2.NetParameter())
+    body = [
+        lp
+        for lp in net.layer
+        if lp.type not in ("Data", "HDF5Data") and lp.name != "silence_image_label"
+    ]
+    param = text_format.Parse(block, caffe_pb2.NetParameter())
+    param.layer.extend(body)
+    net = caffe.Net(param, caffe.TRAIN)
+    loss = float(net.forward()["cross_entropy_loss"])
+    assert np.isfinite(loss) and net.blobs["input_sentence"].data.shape == (20, 16)
+    np.testing.assert_array_equal(net.blobs["input_sentence"].data[:, 3], inputs[3])
+    net.backward()
+    assert np.abs(net.params["embed"][0].diff).sum() > 0
