@@ -18,13 +18,11 @@ Where CaffeOnSpark skipped or crashed, these fail naming the row: an unreadable 
 an index missing from the vocabulary.
 """
 
-import logging
 import re
 
 from caffeonspark import storage
+from caffeonspark.config import spark_session
 from caffeonspark.sources import SourceError
-
-log = logging.getLogger("caffeonspark")
 
 START_END_ID = 0  # starts input_sentence, ends target_sentence
 UNKNOWN_ID = 1  # a word the vocabulary does not hold
@@ -63,22 +61,13 @@ def caption_arrays(words, word_index, length):
     return inputs, cont, target
 
 
-def _spark(spark_or_sc):
-    """A SparkSession from a SparkSession or a SparkContext (CaffeOnSpark passed sc)."""
-    from pyspark.sql import SparkSession
-
-    if isinstance(spark_or_sc, SparkSession):
-        return spark_or_sc
-    return SparkSession(spark_or_sc)
-
-
 class Vocab:
     """CaffeOnSpark's vocabulary: `genFromData` counts the words of a caption column, `save`
     writes them (one a line, "UNK" first), `load` reads such a file or folder back; a word's
     index is its line."""
 
     def __init__(self, spark_or_sc):
-        self.spark = _spark(spark_or_sc)
+        self.spark = spark_session(spark_or_sc)
         self.words = []
 
     def genFromData(self, dataset, columnName, vocabSize=-1):
@@ -226,7 +215,7 @@ class Conversions:
     """CaffeOnSpark's Conversions, by its method names (each returns its DataFrame)."""
 
     def __init__(self, spark_or_sc):
-        self.spark = _spark(spark_or_sc)
+        self.spark = spark_session(spark_or_sc)
 
     def Coco2ImageCaptionFile(self, src, clusterSize=0):
         return coco_image_captions(self.spark, src, clusterSize)
