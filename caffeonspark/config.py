@@ -17,8 +17,13 @@ from engine.proto import caffe_pb2
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
 
-# Layer types the Spark side can feed (DataSource.get picks the source from them).
-DATA_LAYER_TYPES = ("Data", "ImageData", "CoSData")
+# Layer types the Spark side can feed (DataSource.get picks the source from them), and the
+# parameter that holds each one's batch size.
+DATA_LAYER_TYPES = {
+    "Data": "data_param",
+    "ImageData": "image_data_param",
+    "CoSData": "cos_data_param",
+}
 
 
 class ConfigError(ValueError):

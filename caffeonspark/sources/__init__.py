@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 from caffeonspark import dialect
+from caffeonspark.config import DATA_LAYER_TYPES
 from engine.proto import caffe_pb2
 
 
@@ -131,17 +132,13 @@ def key_text(key):
     return str(key)
 
 
-# The data layers the Spark side feeds, and the parameter that holds each one's batch size.
-FED_TYPES = {"Data": "data_param", "ImageData": "image_data_param", "CoSData": "cos_data_param"}
-
-
 def layer_batch_size(layer):
     """The batch size of a fed data layer (a LayerParameter)."""
-    return int(getattr(layer, FED_TYPES.get(layer.type, "data_param")).batch_size)
+    return int(getattr(layer, DATA_LAYER_TYPES.get(layer.type, "data_param")).batch_size)
 
 
 def set_layer_batch_size(layer, n):
-    getattr(layer, FED_TYPES.get(layer.type, "data_param")).batch_size = int(n)
+    getattr(layer, DATA_LAYER_TYPES.get(layer.type, "data_param")).batch_size = int(n)
 
 
 def describe_layer(layer, phase):
@@ -225,7 +222,7 @@ def _fed_indices(net_param, layer_name, phase):
         i
         for i, lp in enumerate(net_param.layer)
         if lp.name == layer_name
-        and lp.type in FED_TYPES
+        and lp.type in DATA_LAYER_TYPES
         and _layer_in_phase(lp, phase, net_param.state)
     ]
     if not found:
