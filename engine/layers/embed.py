@@ -55,9 +55,12 @@ class Embed(Layer):
             )
         pad = idx == PADDING
         self.pad = pad if bool(pad.any()) else None
-        self.idx = idx if self.pad is None else idx[~pad]
-        y = xp.take(self.blobs[0].data, xp.where(pad, 0, idx), axis=0)
-        if self.pad is not None:
+        if self.pad is None:
+            self.idx = idx
+            y = xp.take(self.blobs[0].data, idx, axis=0)
+        else:
+            self.idx = idx[~pad]
+            y = xp.take(self.blobs[0].data, xp.where(pad, 0, idx), axis=0)
             y[pad] = 0
         if self.bias_term:
             y += self.blobs[1].data
